@@ -1,0 +1,49 @@
+"""Engine settings: one dataclass with validated defaults (nano-vllm's `Config`).
+
+Everything a single instance needs to know that is not a model hyperparameter: which model,
+where it runs, how big the paged KV cache is, and the scheduler's per-step budgets.
+"""
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineConfig:
+    model: str = "smollm2-135m"
+    device: str | None = None  # None: cuda if available, else cpu
+    dtype: str | None = None  # None: the model loader's default (fp32 on CPU, bf16 on CUDA)
+    block_size: int = 16
+    kv_cache_memory: int | None = None  # bytes for the KV cache; None: kv_cache_fraction of free memory
+    kv_cache_fraction: float = 0.3
+    num_kv_blocks: int | None = None  # explicit block count, overrides the memory budget
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 1024  # per-step token budget; long prompts prefill in chunks
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    enable_prefix_caching: bool = True
+    attention_backend: str = "auto"
+    num_threads: int | None = None  # torch CPU threads; None: all cores
+    seed: int = 0
+
+    def __post_init__(self):
+        _positive("block_size", self.block_size)
+        _positive("max_num_seqs", self.max_num_seqs)
+        _positive("max_num_batched_tokens", self.max_num_batched_tokens)
+        for name in ("kv_cache_memory", "num_kv_blocks", "max_model_len", "num_threads"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name))
+        if not 0 < self.kv_cache_fraction <= 1:
+            raise ValueError(f"EngineConfig.kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction!r}")
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise ValueError("EngineConfig.attention_backend must be 'auto', 'torch' or 'triton', "
+                             f"got {self.attention_backend!r}")
+        if self.device is not None and not isinstance(self.device, str):
+            raise ValueError(f"EngineConfig.device must be a string like 'cpu' or 'cuda:0', got {self.device!r}")
+        if self.dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError("EngineConfig.dtype must be None, 'float32', 'bfloat16' or 'float16', "
+                             f"got {self.dtype!r}")
+        if not isinstance(self.seed, int):
+            raise ValueError(f"EngineConfig.seed must be an integer, got {self.seed!r}")
+
+
+def _positive(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"EngineConfig.{name} must be a positive integer, got {value!r}")
