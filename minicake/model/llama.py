@@ -1,0 +1,130 @@
+"""The Llama-family decoder (Llama, Qwen2, Qwen3) over the flat, paged batch layout.
+
+One `CausalLM` serves all three architectures with flags from `ModelConfig`: Qwen2 adds
+q/k/v biases, Qwen3 a per-head RMSNorm on q and k, and any of them may tie the output
+head to the embedding. Every step sees all sequences' new tokens concatenated (no padding,
+no batch dimension) and attends through the one paged `attention` call, so prefill chunks
+and decode tokens share a batch. The layers are exposed one by one (`embed`, `layers`,
+`final_norm`) so a prefill instance can act after each layer (DESIGN.md 4.5, 4.6).
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minicake.model.attention import AttentionMetadata, attention
+from minicake.model.config import ModelConfig
+from minicake.model.rope import RotaryEmbedding
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32; given a residual, adds it first and returns the new residual."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x, residual=None):
+        if residual is not None:
+            x = residual = x + residual
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        out = self.weight * x32.to(x.dtype)
+        return out if residual is None else (out, residual)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
+        hidden, q_size, kv_size = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(hidden, q_size, bias=bias)
+        self.k_proj = nn.Linear(hidden, kv_size, bias=bias)
+        self.v_proj = nn.Linear(hidden, kv_size, bias=bias)
+        # Llama/Qwen3 put the attention bias on o_proj too; Qwen2 only on q/k/v
+        self.o_proj = nn.Linear(q_size, hidden, bias=bias and config.architecture != "Qwen2ForCausalLM")
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.qk_norm = config.qk_norm
+        self.rotary = rotary
+        self.scale = self.head_dim ** -0.5
+
+    def forward(self, positions, x, meta: AttentionMetadata, k_cache, v_cache):
+        n = x.shape[0]  # x: [num_tokens, hidden_size]
+        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
+        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)  # [num_tokens, num_kv_heads, head_dim]
+        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        o = attention(q, k, v, k_cache, v_cache, meta, self.scale)  # [num_tokens, num_heads, head_dim]
+        return self.o_proj(o.reshape(n, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding):
+        super().__init__()
+        self.self_attn = Attention(config, rotary)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, positions, hidden, residual, meta: AttentionMetadata, k_cache, v_cache):
+        """hidden, residual: [num_tokens, hidden_size]; residual is None before the first layer.
+        Returns this layer's output and the running residual stream, not yet added together."""
+        if residual is None:
+            hidden, residual = self.input_layernorm(hidden), hidden
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, meta, k_cache, v_cache)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class CausalLM(nn.Module):
+    """Parameter names follow the Hugging Face checkpoints without their "model." prefix."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.max_position_embeddings,
+                                 config.rope_scaling)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, rotary) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = None if config.tie_word_embeddings else \
+            nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def embed(self, input_ids):
+        return self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
+
+    def final_norm(self, hidden, residual):
+        return self.norm(hidden, residual)[0]
+
+    def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches):
+        """input_ids, positions: [num_tokens] int64; kv_caches: one (k_cache, v_cache) per layer.
+        Returns [num_tokens, hidden_size] after the final norm."""
+        assert len(kv_caches) == len(self.layers), f"{len(kv_caches)} KV caches for {len(self.layers)} layers"
+        hidden, residual = self.embed(input_ids), None
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            hidden, residual = layer(positions, hidden, residual, meta, k_cache, v_cache)
+        return self.final_norm(hidden, residual)
+
+    def compute_logits(self, hidden):
+        """hidden: [n, hidden_size] (only the rows to sample from) -> [n, vocab_size] float32."""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
