@@ -1,0 +1,110 @@
+"""Finding a model and loading its weights: from a name to an eval-mode `CausalLM`.
+
+`resolve_model` turns what a user typed into a local Hugging Face layout directory (a
+path, the built-in "smollm2-135m", or a hub id); `load_model` builds the decoder on the
+meta device and streams every tensor of the safetensors files straight into it, so a
+checkpoint never sits in memory twice. No transformers at run time.
+"""
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from minicake.model.bundled import BUNDLED_NAME, bundled_model_dir
+from minicake.model.config import ModelConfig
+from minicake.model.llama import CausalLM
+
+
+def resolve_model(name_or_path: str) -> Path:
+    """A local directory in Hugging Face layout for `name_or_path`."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if name_or_path == BUNDLED_NAME:
+        return bundled_model_dir()
+    if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~")):
+        return _from_hub(name_or_path)
+    raise FileNotFoundError(f"model {name_or_path!r} is neither a local directory, the built-in "
+                            f"{BUNDLED_NAME!r}, nor a hub id like 'HuggingFaceTB/SmolLM2-135M-Instruct'")
+
+
+def _from_hub(repo_id: str) -> Path:
+    hint = ("download the checkpoint elsewhere (config.json, *.safetensors, tokenizer.json, "
+            "tokenizer_config.json) and pass its local directory instead")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise RuntimeError(f"{repo_id!r} looks like a hub id, but huggingface_hub is not installed: "
+                           f"`pip install huggingface_hub`, or {hint}") from None
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.jinja"]))
+    except Exception as e:  # offline, unknown repo, gated repo: all end the same way for the user
+        raise RuntimeError(f"could not fetch {repo_id!r} from the Hugging Face hub "
+                           f"({type(e).__name__}: {e}); {hint}") from e
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPUs; fp32 on CPUs, where bf16 matmuls are slow without bf16 instructions."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_model(path, device=None, dtype: torch.dtype | None = None) -> CausalLM:
+    path = Path(path)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or default_dtype(device)
+    config = ModelConfig.from_dir(path)
+    with torch.device("meta"):
+        model = CausalLM(config).to(dtype)
+    model.to_empty(device=device)  # allocate, uninitialized: every parameter is loaded below
+    params = dict(model.named_parameters())
+    loaded = set()
+    for file in safetensors_files(path):
+        with safe_open(file, framework="pt", device=str(device)) as f:
+            for name in f.keys():
+                target = _target_name(name, config)
+                if target is None:
+                    continue
+                if target not in params:
+                    raise ValueError(f"unexpected tensor {name!r} in {file} for {config.architecture}")
+                tensor, param = f.get_tensor(name), params[target]
+                if tensor.shape != param.shape:
+                    raise ValueError(f"tensor {name!r} in {file} has shape {tuple(tensor.shape)}, "
+                                     f"the model expects {tuple(param.shape)}")
+                with torch.no_grad():
+                    param.copy_(tensor)
+                loaded.add(target)
+    missing = sorted(set(params) - loaded)
+    if missing:
+        raise ValueError(f"{len(missing)} tensors missing from the checkpoint in {path}, "
+                         f"first: {_checkpoint_name(missing[0])!r}")
+    return model.eval().requires_grad_(False)
+
+
+def _target_name(name: str, config: ModelConfig) -> str | None:
+    """The parameter a checkpoint tensor fills, or None for tensors that carry nothing we use."""
+    if name.endswith("rotary_emb.inv_freq"):
+        return None  # recomputed from the config
+    if name == "lm_head.weight" and config.tie_word_embeddings:
+        return None  # the tied head reuses the embedding
+    return name.removeprefix("model.")
+
+
+def _checkpoint_name(param_name: str) -> str:
+    return param_name if param_name == "lm_head.weight" else "model." + param_name
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    """The checkpoint's files: those a sharded index names, or the single model.safetensors."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [path / shard for shard in shards]
+        for file in files:
+            if not file.is_file():
+                raise FileNotFoundError(f"{index} names the shard {file.name}, which is missing")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {path}")
+    return files
