@@ -1,0 +1,1 @@
+"""Serving: instance processes (cluster), the OpenAI-compatible HTTP API, metrics, dashboard."""

@@ -1,0 +1,120 @@
+"""`python -m minicake.serve`: start the instance processes, then the OpenAI-compatible HTTP
+server in front of them (DESIGN.md 1).
+
+Defaults: the bundled model on 127.0.0.1:8000; on a CPU machine one prefill and one decode
+process over gloo, on a CUDA machine one instance per GPU. SIGINT and SIGTERM stop the HTTP
+server gracefully, then close every instance process.
+"""
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+import torch
+import uvicorn
+
+from minicake.config import EngineConfig
+from minicake.serve.api import create_app
+from minicake.serve.cluster import Cluster
+from minicake.serve.dashboard import Dashboard
+from minicake.serve.metrics import ServerMetrics
+
+ENGINE_FLAGS = ("model", "device", "dtype", "block_size", "max_num_seqs", "max_model_len",
+                "max_num_batched_tokens")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m minicake.serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m",
+                   help="'smollm2-135m' (bundled) or a Hugging Face checkpoint directory")
+    p.add_argument("--served-model-name", help="name clients pass as 'model' "
+                   "(default: the --model name, or the checkpoint directory's name)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--prefill", type=int, help="prefill instances; 0 means --colocated "
+                   "(default: 1 on CPU, half the GPUs rounded up on CUDA)")
+    p.add_argument("--decode", type=int, help="decode instances (default: 1 on CPU, the "
+                   "other half of the GPUs on CUDA)")
+    p.add_argument("--colocated", action="store_true",
+                   help="one instance that prefills and decodes: the non-disaggregated baseline")
+    p.add_argument("--pipeline-stages", type=int, default=1,
+                   help="processes per prefill instance for chunked pipeline-parallel prefill")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--block-size", type=int)
+    p.add_argument("--max-num-seqs", type=int)
+    p.add_argument("--max-model-len", type=int)
+    p.add_argument("--max-num-batched-tokens", type=int)
+    p.add_argument("--ttft-slo", type=float, help="seconds; a request is effective only "
+                   "within it (counted in minicake:requests_effective)")
+    p.add_argument("--tbt-slo", type=float, help="seconds, on the paper's TBT (mean of a "
+                   "request's slowest 10%% of gaps)")
+    p.add_argument("--admission", choices=["none", "early", "predictive"], default="none",
+                   help="admission control (DESIGN.md 4.7); early and predictive need the "
+                   "Conductor, which is not in the server yet, so only 'none' runs today")
+    args = p.parse_args(argv)
+    if args.admission != "none":
+        p.error(f"--admission {args.admission} needs the Conductor in the server (not merged "
+                "yet); use --admission none")
+    return args
+
+
+def instance_counts(args) -> tuple[int, int, bool]:
+    """(prefill, decode, colocated) from the flags and the machine."""
+    if args.colocated or args.prefill == 0:
+        return 0, 1, True
+    gpus = torch.cuda.device_count() if args.device in (None, "cuda") else 0
+    if gpus == 1 and args.prefill is None and args.decode is None:
+        return 0, 1, True
+    prefill = args.prefill if args.prefill is not None else max(1, (gpus + 1) // 2)
+    decode = args.decode if args.decode is not None else max(1, gpus // 2)
+    return prefill, decode, False
+
+
+async def serve(cluster, args) -> None:
+    name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
+    metrics = ServerMetrics(args.ttft_slo, args.tbt_slo)
+    config = uvicorn.Config(create_app(cluster, name, metrics), host=args.host, port=args.port,
+                            log_level="warning")
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve())
+    while not server.started and not serving.done():
+        await asyncio.sleep(0.05)
+    if server.started:
+        print(f"minicake serves '{name}' at http://{args.host}:{args.port}/v1", flush=True)
+        dashboard = Dashboard(metrics)
+        dashboard.start()
+    try:
+        await serving
+    finally:
+        if server.started:
+            dashboard.stop()
+
+
+def main(argv=None) -> None:
+    # SIGTERM behaves like Ctrl-C: uvicorn shuts down gracefully, then re-raises the signal,
+    # which lands here as KeyboardInterrupt so that the cluster is closed below.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    args = parse_args(argv)
+    prefill, decode, colocated = instance_counts(args)
+    settings = {k: getattr(args, k) for k in ENGINE_FLAGS if getattr(args, k) is not None}
+    try:
+        config = EngineConfig(**settings)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    cluster = Cluster(config, prefill_instances=prefill, decode_instances=decode,
+                      pipeline_stages=args.pipeline_stages, colocated=colocated)
+    try:
+        asyncio.run(serve(cluster, args))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        cluster.close()
+
+
+if __name__ == "__main__":
+    main()

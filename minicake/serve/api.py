@@ -1,0 +1,273 @@
+"""The OpenAI-compatible HTTP API (FastAPI): completions, chat completions, models, health,
+metrics (DESIGN.md 1, the frontend).
+
+A handler validates and tokenizes (chat template included), fans the request out into one
+engine request per (prompt, choice), and answers with one JSON body or server-sent events
+ending in `data: [DONE]`. A client that goes away cancels its handler, which aborts the
+engine requests (frontend.py).
+"""
+import asyncio
+import contextlib
+import dataclasses
+import json
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
+
+from minicake.serve.frontend import Frontend
+from minicake.serve.metrics import ServerMetrics
+from minicake.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest,
+                                     RequestRejected, parse_request)
+
+
+def create_app(cluster, served_model_name: str, metrics: ServerMetrics) -> FastAPI:
+    """The app serves `cluster` under the model name `served_model_name`; the caller owns the
+    cluster (and closes it after the server stops)."""
+    frontend = Frontend(cluster, metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        frontend.start()
+        yield
+        frontend.stop()
+
+    app = FastAPI(title="minicake", lifespan=lifespan)
+    app.state.frontend = frontend
+
+    @app.exception_handler(APIError)
+    async def api_error(request, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(ClientDisconnected)
+    async def client_gone(request, e):
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e: HTTPException):
+        return JSONResponse(APIError(e.status_code, str(e.detail)).body(), e.status_code)
+
+    @app.get("/health")
+    async def health():
+        if not cluster.is_healthy():
+            raise APIError(503, "an instance process is dead", type="server_error")
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        card = {"id": served_model_name, "object": "model", "created": 0, "owned_by": "minicake",
+                "max_model_len": max_model_len(cluster)}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req = parse_request(CompletionRequest, await json_body(request))
+        check_model(req.model, served_model_name)
+        prompts = tokenize_prompt(req.prompt, cluster)
+        limits = [req.max_tokens if req.max_tokens is not None else
+                  max(1, max_model_len(cluster) - len(p)) for p in prompts]
+        return await respond(request, frontend, req, prompts, limits, "max_tokens", "prompt",
+                             served_model_name)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = parse_request(ChatCompletionRequest, await json_body(request))
+        check_model(req.model, served_model_name)
+        prompt = apply_chat_template(req, cluster.tokenizer)
+        limit_param, limit = next(
+            ((name, getattr(req, name)) for name in ("max_completion_tokens", "max_tokens")
+             if getattr(req, name) is not None),
+            ("max_tokens", max(1, max_model_len(cluster) - len(prompt))))
+        return await respond(request, frontend, req, [prompt], [limit], limit_param, "messages",
+                             served_model_name)
+
+    return app
+
+
+def max_model_len(cluster) -> int:
+    return cluster.config.max_model_len or cluster.model_config.max_position_embeddings
+
+
+async def json_body(request: Request):
+    try:
+        return await request.json()
+    except ValueError as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}")
+
+
+def check_model(model: str | None, served_model_name: str) -> None:
+    if model is not None and model != served_model_name:
+        raise APIError(404, f"The model '{model}' does not exist; this server serves "
+                       f"'{served_model_name}'", "model", code="model_not_found")
+
+
+def tokenize_prompt(prompt, cluster) -> list[list[int]]:
+    """A completions prompt is a string, a list of strings, token ids, or lists of them."""
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        prompt = [prompt]
+    if not prompt:
+        raise APIError(400, "prompt must not be empty", "prompt")
+    prompts = [cluster.tokenizer.encode(p) if isinstance(p, str) else p for p in prompt]
+    vocab_size = cluster.model_config.vocab_size
+    for ids in prompts:
+        bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise APIError(400, f"prompt token id {bad} is outside the vocabulary "
+                           f"[0, {vocab_size})", "prompt")
+    return prompts
+
+
+def apply_chat_template(req: ChatCompletionRequest, tokenizer) -> list[int]:
+    if not tokenizer.has_chat_template:
+        raise APIError(400, "this model has no chat template; use /v1/completions with a "
+                       "plain prompt", "messages")
+    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its answer was ready; nobody is left to answer."""
+
+
+@dataclasses.dataclass
+class Reply:
+    """What the response builders need to know about the request being answered."""
+    head: dict  # id, created, model
+    chat: bool
+    n: int  # choices per prompt; choice k answers prompt k // n
+    num_choices: int
+    include_usage: bool
+
+    def usage(self, prompt_tokens: list[int], cached: list[int], tokens: list[int]) -> dict:
+        # the n choices of one prompt share it: count it once, as OpenAI does
+        prompt, cached = sum(prompt_tokens[::self.n]), sum(cached[::self.n])
+        return {"prompt_tokens": prompt, "completion_tokens": sum(tokens),
+                "total_tokens": prompt + sum(tokens), "prompt_tokens_details": {"cached_tokens": cached}}
+
+    def choice(self, index: int, text: str, finish_reason, stream: bool) -> dict:
+        if not self.chat:
+            return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        key, message = ("delta", {"content": text}) if stream else (
+            "message", {"role": "assistant", "content": text})
+        return {"index": index, key: message, "logprobs": None, "finish_reason": finish_reason}
+
+
+async def respond(request, frontend, req, prompts, max_tokens, max_tokens_param, prompt_param,
+                  model):
+    # choice j of a prompt gets seed + j, so that n seeded choices differ
+    params = []
+    for limit in max_tokens:
+        base = req.sampling_params(limit, max_tokens_param)
+        params += [dataclasses.replace(base, seed=None if base.seed is None else base.seed + j)
+                   for j in range(req.n)]
+    prompts = [p for p in prompts for _ in range(req.n)]
+    chat = isinstance(req, ChatCompletionRequest)
+    include_usage = req.stream_options is not None and req.stream_options.include_usage
+    reply = Reply({"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+                   "created": int(time.time()), "model": model}, chat, req.n, len(prompts),
+                  include_usage)
+    outputs = frontend.generate(prompts, params)
+    try:  # add_request runs before the first output: bad input and rejections surface here
+        first = await cancel_on_disconnect(request, anext(outputs))
+    except ValueError as e:
+        raise APIError(400, str(e), prompt_param)
+    except RequestRejected as e:
+        frontend.metrics.rejected.inc()
+        raise APIError(429, str(e), type="rate_limit_error", code="rejected",
+                       headers={"Retry-After": str(max(1, round(e.retry_after_s)))})
+    if req.stream:  # from here on Starlette cancels the stream when the client leaves
+        return StreamingResponse(sse(reply, first, outputs), media_type="text/event-stream")
+    return JSONResponse(await cancel_on_disconnect(request, collect(reply, first, outputs)))
+
+
+async def cancel_on_disconnect(request: Request, awaitable):
+    """Await `awaitable` unless the client disconnects first; then cancel it (which aborts
+    its engine requests) and raise ClientDisconnected."""
+    task = asyncio.ensure_future(awaitable)
+
+    async def disconnected():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})  # let it run its cleanup: the abort
+    if task.cancelled():
+        raise ClientDisconnected()
+    return task.result()
+
+
+def raise_if_failed(out) -> None:
+    if out.error:
+        raise APIError(500, f"the request failed in the engine: {out.error}", type="server_error")
+
+
+async def prepend(first, outputs):
+    yield first
+    async for item in outputs:
+        yield item
+
+
+async def collect(reply: Reply, first, outputs) -> dict:
+    k = reply.num_choices
+    texts, tokens, finish = [[] for _ in range(k)], [0] * k, [None] * k
+    prompt_tokens, cached = [0] * k, [0] * k
+    async with contextlib.aclosing(outputs):
+        async for i, out in prepend(first, outputs):
+            raise_if_failed(out)
+            texts[i].append(out.new_text)
+            tokens[i] += len(out.new_token_ids)
+            if out.finished:
+                finish[i], prompt_tokens[i], cached[i] = (
+                    out.finish_reason, out.num_prompt_tokens, out.num_cached_tokens)
+    choices = [reply.choice(i, "".join(texts[i]), finish[i], False) for i in range(k)]
+    return {**reply.head, "object": "chat.completion" if reply.chat else "text_completion",
+            "choices": choices, "usage": reply.usage(prompt_tokens, cached, tokens)}
+
+
+async def sse(reply: Reply, first, outputs):
+    """Server-sent events as OpenAI streams them; an error mid-stream becomes one error event,
+    and the stream still ends with `data: [DONE]`."""
+    obj = {**reply.head, "object": "chat.completion.chunk" if reply.chat else "text_completion"}
+    extra = {"usage": None} if reply.include_usage else {}
+    k = reply.num_choices
+    tokens, prompt_tokens, cached = [0] * k, [0] * k, [0] * k
+
+    def event(payload: dict) -> str:
+        return f"data: {json.dumps(payload)}\n\n"
+
+    try:
+        async with contextlib.aclosing(outputs):
+            if reply.chat:  # OpenAI's first chat chunk of a choice carries the role
+                for i in range(k):
+                    delta = {"index": i, "delta": {"role": "assistant", "content": ""},
+                             "logprobs": None, "finish_reason": None}
+                    yield event({**obj, "choices": [delta], **extra})
+            async for i, out in prepend(first, outputs):
+                raise_if_failed(out)
+                tokens[i] += len(out.new_token_ids)
+                if out.finished:
+                    prompt_tokens[i], cached[i] = out.num_prompt_tokens, out.num_cached_tokens
+                if out.new_text or out.finished:
+                    reason = out.finish_reason if out.finished else None
+                    yield event({**obj, "choices": [reply.choice(i, out.new_text, reason, True)],
+                                 **extra})
+        if reply.include_usage:
+            yield event({**obj, "choices": [], "usage": reply.usage(prompt_tokens, cached, tokens)})
+    except APIError as e:
+        yield event(e.body())
+    except Exception as e:  # noqa: BLE001 - the client must hear about it before [DONE]
+        yield event(APIError(500, f"internal error: {e}", type="server_error").body())
+    yield "data: [DONE]\n\n"
