@@ -129,7 +129,8 @@ def apply_chat_template(req: ChatCompletionRequest, tokenizer) -> list[int]:
         raise APIError(400, "this model has no chat template; use /v1/completions with a "
                        "plain prompt", "messages")
     messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=False)  # the template wrote its specials
 
 
 class ClientDisconnected(Exception):
