@@ -1,0 +1,182 @@
+"""Trace-driven discrete-event simulation of a Mooncake cluster (DESIGN.md 4.2-4.4, 4.7, 5).
+
+P prefill instances (a FIFO of whole-prompt prefills each, a host KV pool each) and D decode
+instances (continuous batching: one event per decode step, never per token) serve a trace
+through the real Conductor. Time comes from a cost model; nothing is computed. The pools
+report what they add and evict to the Conductor's block index, as live instances would.
+"""
+import heapq
+from collections import deque
+from dataclasses import dataclass
+
+from minicake.sched.conductor import (BlockIndex, Conductor, ConductorConfig, Decision, DecodeState,
+                                      PrefillState)
+from minicake.sched.cost_model import CostModel
+from minicake.sched.kv_pool_model import KVPoolModel
+from minicake.sched.sim_metrics import FINISHED, REJECTED, REJECTED_AFTER_PREFILL, SimResult
+from minicake.sched.trace import TraceEntry
+
+PREFILL_DONE, DECODE_STEP, SAMPLE = 0, 1, 2
+
+
+@dataclass
+class SimConfig:
+    num_prefill: int = 8
+    num_decode: int = 8
+    pool: str = "global"                 # global: any instance may pull blocks another holds
+    pool_tokens: int | None = 3_000_000  # host KV pool of each prefill instance; None: unlimited
+    eviction: str = "lru"
+    sample_points: int = 400             # load samples over the run, for the plot
+
+    def __post_init__(self):
+        if self.num_prefill < 1 or self.num_decode < 1:
+            raise ValueError(f"need >= 1 prefill and decode instance, got {self.num_prefill}P + {self.num_decode}D")
+        if self.pool not in ("local", "global"):
+            raise ValueError(f"unknown pool {self.pool!r}: choose local or global")
+        if self.eviction not in ("lru", "lfu"):
+            raise ValueError(f"unknown eviction {self.eviction!r}: choose lru or lfu")
+
+
+class Simulator:
+    def __init__(self, config: SimConfig, conductor_config: ConductorConfig, cost: CostModel,
+                 trace: list[TraceEntry]):
+        assert conductor_config.can_fetch == (config.pool == "global"), "only a global pool lets instances fetch"
+        self.config, self.cost, self.trace = config, cost, trace
+        self.requests = [e.request for e in trace]
+        self.pools = [KVPoolModel(config.pool_tokens, conductor_config.block_size, config.eviction)
+                      for _ in range(config.num_prefill)]
+        self.index = BlockIndex()
+        self.prefill = [PrefillState(i) for i in range(config.num_prefill)]
+        self.decode = [DecodeState(i, cost.kv_capacity_tokens) for i in range(config.num_decode)]
+        self.conductor = Conductor(conductor_config, cost, self.prefill, self.decode, self.index)
+        self.events: list[tuple[float, int, int, int]] = []  # (time, seq, kind, instance)
+        self.seq = 0
+        self.prefill_queue = [deque() for _ in self.prefill]  # request ids, FIFO
+        self.prefill_running: list[int | None] = [None] * config.num_prefill
+        self.decode_pending = [[] for _ in self.decode]  # joined after prefill, wait for a step boundary
+        self.decode_running = [[] for _ in self.decode]  # heap of (last step index, request id)
+        self.decode_stepping = [False] * config.num_decode
+        self.result = SimResult.empty(trace, config.num_decode, conductor_config)
+        self.decisions: list[Decision | None] = [None] * len(trace)
+
+    def run(self, on_progress=None) -> SimResult:
+        """Replay the whole trace; `on_progress(n)` is called now and then with arrivals done."""
+        arrivals = [e.arrival_s for e in self.trace]
+        self.sample_every = max(arrivals[-1], 1e-3) / self.config.sample_points
+        self._push(0.0, SAMPLE, 0)
+        nxt, now = 0, 0.0
+        while nxt < len(arrivals) or len(self.events) > 1 or self.events[0][2] != SAMPLE:
+            if nxt < len(arrivals) and (not self.events or arrivals[nxt] <= self.events[0][0]):
+                now = arrivals[nxt]
+                self._arrive(nxt, now)
+                nxt += 1
+                if on_progress is not None and (nxt % 256 == 0 or nxt == len(arrivals)):
+                    on_progress(nxt)
+                continue
+            now, _, kind, inst = heapq.heappop(self.events)
+            if kind == PREFILL_DONE:
+                self._prefill_done(inst, now)
+            elif kind == DECODE_STEP:
+                self._decode_step_done(inst, now)
+            else:
+                self._sample(now)
+        self.result.end_s = now
+        return self.result
+
+    def _push(self, t: float, kind: int, inst: int) -> None:
+        self.seq += 1
+        heapq.heappush(self.events, (t, self.seq, kind, inst))
+
+    def _arrive(self, rid: int, now: float) -> None:
+        req = self.requests[rid]
+        d = self.conductor.schedule(req, now)
+        self.decisions[rid] = d
+        self.result.record_decision(rid, d)
+        if not d.admitted:
+            self.result.reject(rid, now, REJECTED)
+            return
+        self.pools[d.prefill_id].pin(req.block_keys[:d.local_blocks])
+        if d.fetch_from is not None:
+            self.pools[d.fetch_from].pin(req.block_keys[:d.cached_blocks])
+        self.prefill_queue[d.prefill_id].append(rid)
+        if self.prefill_running[d.prefill_id] is None:
+            self._start_prefill(d.prefill_id, now)
+
+    def _start_prefill(self, i: int, now: float) -> None:
+        rid = self.prefill_queue[i].popleft()
+        d, keys = self.decisions[rid], self.requests[rid].block_keys
+        if d.fetch_from is not None:  # hot-spot migration: the puller keeps what it pulls
+            src = d.fetch_from
+            self._access(src, keys[:d.cached_blocks])
+            self.pools[src].unpin(keys[:d.cached_blocks])
+            self._access(i, keys[:d.cached_blocks])
+            self.result.fetched_blocks += d.cached_blocks - d.local_blocks
+        self.prefill_running[i] = rid
+        self.result.prefill_busy_s += d.prefill_s
+        self._push(now + d.prefill_s, PREFILL_DONE, i)
+
+    def _access(self, i: int, keys: list[int]) -> None:
+        added, evicted = self.pools[i].access(keys)
+        self.index.add(i, added)
+        self.index.remove(i, evicted)
+
+    def _prefill_done(self, i: int, now: float) -> None:
+        rid, self.prefill_running[i] = self.prefill_running[i], None
+        req, d = self.requests[rid], self.decisions[rid]
+        self._access(i, req.block_keys)
+        self.pools[i].unpin(req.block_keys[:d.local_blocks])
+        if self.prefill_queue[i]:
+            self._start_prefill(i, now)
+        self.result.first_token_s[rid] = now
+        decode_id = self.conductor.on_prefill_done(req, d, now)
+        if decode_id is None:  # baseline admission: the decode side refused, the prefill was wasted
+            self.result.reject(rid, now, REJECTED_AFTER_PREFILL)
+            self.result.wasted_prefill_s += d.prefill_s
+        elif req.max_new_tokens == 1:  # the prefill made the only token
+            self.conductor.on_decode_join(rid, decode_id, now)
+            self.conductor.on_finish(rid, decode_id, now)
+            self.result.finish(rid, decode_id, join_step=0)
+        else:
+            self.decode_pending[decode_id].append(rid)
+            if not self.decode_stepping[decode_id]:
+                self._start_decode_step(decode_id, now)
+
+    def _start_decode_step(self, j: int, now: float) -> None:
+        state, running = self.decode[j], self.decode_running[j]
+        step = len(self.result.step_ends[j])  # index of the step about to run
+        for rid in self.decode_pending[j]:
+            req = self.requests[rid]
+            self.conductor.on_decode_join(rid, j, now)
+            self.result.decode_id[rid], self.result.join_step[rid] = j, step
+            # it makes max_new_tokens - 1 more tokens, one per step; the prompt + first token are in KV
+            heapq.heappush(running, (step + req.max_new_tokens - 2, rid))
+            state.batch_size += 1
+            state.context_tokens += req.prompt_len + 1
+        self.decode_pending[j].clear()
+        self.decode_stepping[j] = True
+        self._push(now + self.cost.decode_step_time(state.batch_size, state.context_tokens), DECODE_STEP, j)
+
+    def _decode_step_done(self, j: int, now: float) -> None:
+        state, running, ends = self.decode[j], self.decode_running[j], self.result.step_ends[j]
+        step = len(ends)
+        ends.append(now)
+        state.context_tokens += state.batch_size
+        while running and running[0][0] == step:
+            rid = heapq.heappop(running)[1]
+            req = self.requests[rid]
+            state.batch_size -= 1
+            state.context_tokens -= req.prompt_len + req.max_new_tokens
+            self.conductor.on_finish(rid, j, now)
+            self.result.finish(rid, j, self.result.join_step[rid])
+        if state.batch_size or self.decode_pending[j]:
+            self._start_decode_step(j, now)
+        else:
+            self.decode_stepping[j] = False
+
+    def _sample(self, now: float) -> None:
+        cfg = self.conductor.config
+        prefill = [max(0.0, p.busy_until_s - now) / cfg.ttft_slo_s for p in self.prefill]
+        decode = [self.cost.decode_step_time(s.batch_size, s.context_tokens) / cfg.tbt_slo_s if s.batch_size else 0.0
+                  for s in self.decode]
+        self.result.samples.append((now, prefill, decode))
+        self._push(now + self.sample_every, SAMPLE, 0)
