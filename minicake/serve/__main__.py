@@ -22,7 +22,7 @@ from minicake.serve.dashboard import Dashboard
 from minicake.serve.metrics import ServerMetrics
 
 ENGINE_FLAGS = ("model", "device", "dtype", "block_size", "max_num_seqs", "max_model_len",
-                "max_num_batched_tokens")
+                "max_num_batched_tokens", "num_kv_blocks")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int)
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--max-num-batched-tokens", type=int)
+    p.add_argument("--num-kv-blocks", type=int,
+                   help="KV cache blocks per instance (default: a share of free memory)")
     p.add_argument("--ttft-slo", type=float, help="seconds; a request is effective only "
                    "within it (counted in minicake:requests_effective)")
     p.add_argument("--tbt-slo", type=float, help="seconds, on the paper's TBT (mean of a "
