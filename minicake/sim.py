@@ -102,7 +102,7 @@ def main(argv=None) -> int:
         cost = load_profile(args.profile)
         trace = load_trace(args.trace, args.limit, args.speed, args.max_output)
     except ValueError as e:
-        console.print(f"[red]error:[/red] {e}")
+        print(f"error: {e}", file=sys.stderr)
         return 2
     sim_config = SimConfig(args.prefill, args.decode, args.pool, args.pool_tokens, args.eviction)
     conductor_config = ConductorConfig(args.scheduler, args.admission, args.ttft_slo, args.tbt_slo,

@@ -62,7 +62,7 @@ class Simulator:
     def run(self, on_progress=None) -> SimResult:
         """Replay the whole trace; `on_progress(n)` is called now and then with arrivals done."""
         arrivals = [e.arrival_s for e in self.trace]
-        self.sample_every = max(arrivals[-1], 1e-3) / self.config.sample_points
+        self.sample_every = max(arrivals[-1], 1.0) / self.config.sample_points
         self._push(0.0, SAMPLE, 0)
         nxt, now = 0, 0.0
         while nxt < len(arrivals) or len(self.events) > 1 or self.events[0][2] != SAMPLE:

@@ -1,0 +1,64 @@
+"""The cost model: the paper-70b profile against its FLOP and byte counts written out by
+hand, and the least-squares fit against a known polynomial (DESIGN.md 4.3, 4.4)."""
+import json
+
+import pytest
+
+from minicake.sched.cost_model import CostModel, fit_profile, load_profile, paper_70b
+
+L, D = 80, 8192
+NODE_FLOPS = 8 * 312e12 * 0.5  # 8 A800 at the assumed 50% MFU
+NODE_HBM = 8 * 2.0e12 * 0.6    # at the assumed 60% of HBM bandwidth
+KV_PER_TOKEN = 320 * 1024
+
+
+def test_paper_70b_prefill_is_the_papers_flop_count():
+    n = 8000
+    flops = L * (4 * n**2 * D + 22 * n * D**2)
+    assert paper_70b().prefill_time(n, 0) == pytest.approx(flops / NODE_FLOPS)
+
+
+def test_cached_tokens_are_skipped_but_still_attended_to():
+    n, cached = 8000, 6000
+    new = n - cached
+    flops = L * (4 * new * n * D + 22 * new * D**2)  # 2,000 queries attend over all 8,000 keys
+    m = paper_70b()
+    assert m.prefill_time(n, cached) == pytest.approx(flops / NODE_FLOPS)
+    assert m.prefill_time(new, 0) < m.prefill_time(n, cached) < m.prefill_time(n, 0)
+
+
+def test_paper_70b_decode_step_reads_weights_and_kv_over_hbm():
+    m = paper_70b()
+    assert m.decode_step_time(16, 200_000) == pytest.approx((140e9 + 200_000 * KV_PER_TOKEN) / NODE_HBM)
+    assert m.kv_capacity_tokens == int((8 * 80 * 2**30 * 0.9 - 140e9) // KV_PER_TOKEN)
+
+
+def test_paper_70b_moves_a_block_at_100_gb_per_s():
+    assert paper_70b().transfer_time(512 * 10) == pytest.approx(10 * 512 * KV_PER_TOKEN / 100e9)
+
+
+def test_fit_recovers_a_known_polynomial():
+    truth = CostModel("truth", prefill_coef=(0.02, 3e-4, -2e-4, 1e-8, -1e-8), decode_coef=(0.01, 2e-4, 5e-7),
+                      transfer_s_per_block=1e-3, block_size=16, kv_capacity_tokens=4096)
+    prefill = [(n, c, truth.prefill_time(n, c)) for n in (64, 256, 512, 1024, 2048) for c in (0, 32, n // 2)]
+    decode = [(b, t, truth.decode_step_time(b, t)) for b in (1, 4, 16) for t in (100, 1000, 4000)]
+    fitted = fit_profile("fitted", prefill, decode, 1e-3, 16, 4096)
+    for n, c, t in prefill:
+        assert fitted.prefill_time(n, c) == pytest.approx(t, rel=1e-6)
+    for b, k, t in decode:
+        assert fitted.decode_step_time(b, k) == pytest.approx(t, rel=1e-6)
+
+
+def test_a_saved_profile_loads_back(tmp_path):
+    path = tmp_path / "profile.json"
+    paper_70b().save(path)
+    assert load_profile(str(path)) == paper_70b()
+
+
+def test_a_bad_profile_is_named(tmp_path):
+    with pytest.raises(ValueError, match="nope.json"):
+        load_profile(str(tmp_path / "nope.json"))
+    path = tmp_path / "broken.json"
+    path.write_text(json.dumps({"name": "x", "prefill_coef": [1.0]}))
+    with pytest.raises(ValueError, match="broken.json"):
+        load_profile(str(path))

@@ -1,0 +1,134 @@
+"""The KV pool model, the simulator and `python -m minicake.sim` on hand-built requests and on
+the first 200 requests of the public conversation trace (tests/data)."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minicake.cache.block_keys import block_keys
+from minicake.sched.conductor import ConductorConfig, Request
+from minicake.sched.cost_model import paper_70b
+from minicake.sched.kv_pool_model import KVPoolModel
+from minicake.sched.sim_metrics import FINISHED, SimResult
+from minicake.sched.simulator import SimConfig, Simulator
+from minicake.sched.trace import TraceEntry, load_trace
+from minicake.sim import main
+
+SLICE = Path(__file__).parent / "data" / "conversation_trace_200.jsonl"
+
+
+def simulate(trace, num_prefill=2, num_decode=2, pool="global", **conductor):
+    config = ConductorConfig(can_fetch=pool == "global", **conductor)
+    sim = Simulator(SimConfig(num_prefill, num_decode, pool), config, paper_70b(), trace)
+    return sim, sim.run()
+
+
+def entry(rid, arrival_s, hash_ids, new_tokens=4):
+    return TraceEntry(arrival_s, Request(rid, 512 * len(hash_ids), new_tokens, block_keys(hash_ids, 1)))
+
+
+def test_lru_pool_evicts_a_prompts_tail_before_its_head():
+    pool = KVPoolModel(capacity_tokens=3 * 16, block_size=16, policy="lru")
+    pool.access([1, 2, 3])
+    added, evicted = pool.access([4])
+    assert added == [4] and evicted == [3]
+    assert pool.match_len([1, 2, 3]) == 2
+
+
+def test_pool_never_evicts_a_pinned_block():
+    pool = KVPoolModel(capacity_tokens=2 * 16, block_size=16, policy="lru")
+    pool.access([1, 2])
+    pool.pin([2])
+    assert pool.access([3])[1] == [1]
+    assert pool.access([4])[1] == [3]  # 2 is older but pinned
+    pool.unpin([2])
+    assert pool.access([5])[1] == [2]
+
+
+def test_lfu_keeps_a_popular_block_that_lru_would_evict():
+    lru, lfu = (KVPoolModel(2 * 16, 16, policy) for policy in ("lru", "lfu"))
+    for pool in (lru, lfu):
+        for keys in ([1], [1], [1], [2], [3]):
+            pool.access(keys)
+    assert 1 not in lru and 1 in lfu
+
+
+def test_every_request_of_the_slice_finishes_without_admission_control():
+    trace = load_trace(SLICE)
+    _, result = simulate(trace)
+    s = result.summary()
+    assert s["requests"] == s["finished"] == 200 and s["rejected"] == 0
+    ttft = result.first_token_s - result.arrival_s
+    cost = paper_70b()
+    computed = [cost.prefill_time(e.request.prompt_len, int(c)) for e, c in zip(trace, result.cached_tokens)]
+    assert np.all(ttft >= np.array(computed) - 1e-9)  # nobody gets a first token faster than its prefill
+
+
+def test_kvcache_scheduler_reuses_more_prefix_and_computes_less_than_random():
+    trace = load_trace(SLICE)
+    rand = simulate(trace, scheduler="random")[1].summary()
+    kv = simulate(trace, scheduler="kvcache")[1].summary()
+    assert kv["hit_rate_token"] > rand["hit_rate_token"]
+    assert kv["prefill_busy_s"] < rand["prefill_busy_s"]
+
+
+def test_migration_copies_the_pulled_blocks_into_the_pullers_pool():
+    shared = list(range(8))
+    trace = [entry(0, 0.0, shared),                    # prefilled on instance 0
+             entry(1, 10.0, list(range(100, 200))),    # long prompt, keeps instance 0 busy
+             entry(2, 10.1, shared + [300, 301])]      # instance 1 pulls the 8 shared blocks
+    sim, result = simulate(trace, num_prefill=2)
+    assert sim.decisions[2].prefill_id == 1 and sim.decisions[2].fetch_from == 0
+    assert result.fetched_blocks == 8
+    keys = trace[2].request.block_keys
+    assert sim.pools[1].match_len(keys) == 10
+    assert all(sim.index.holders[k] == {0, 1} for k in keys[:8])
+
+
+def test_baseline_wastes_prefill_that_decode_refuses():
+    trace = [entry(i, 0.0, list(range(100 * i, 100 * i + 40)), new_tokens=100) for i in range(4)]
+    _, result = simulate(trace, num_prefill=4, num_decode=1, admission="baseline", tbt_slo_s=0.0155)
+    s = result.summary()  # a step over one 20k-token context takes 15.3 ms, over two 16.0 ms > SLO
+    assert s["rejected_after_prefill"] == 3 and s["wasted_prefill_s"] > 0 and s["finished"] == 1
+
+
+def test_tbt_is_the_mean_of_the_slowest_tenth_of_gaps():
+    trace = [entry(0, 0.0, [1], new_tokens=21)]
+    result = SimResult.empty(trace, 1, ConductorConfig())
+    result.first_token_s[0] = 1.0
+    result.step_ends[0] = list(1.0 + np.cumsum([0.01] * 18 + [0.5, 0.3]))  # 20 gaps, two slow ones
+    result.finish(0, decode_id=0, join_step=0)
+    tbt, tpot = result.tbt()
+    assert tbt[0] == pytest.approx(0.4) and tpot[0] == pytest.approx((18 * 0.01 + 0.8) / 20)
+    assert result.status[0] == FINISHED
+
+
+def test_cli_ends_with_one_json_line(capsys, tmp_path):
+    plot = tmp_path / "load.png"
+    assert main(["--trace", str(SLICE), "--limit", "50", "--prefill", "2", "--decode", "2",
+                 "--admission", "predictive", "--plot", str(plot)]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("requests", "finished", "rejected", "avg_ttft_s", "p50_ttft_s", "p90_ttft_s", "p99_ttft_s",
+                "avg_tbt_s", "p90_tbt_s", "effective_fraction", "hit_rate_block", "hit_rate_token", "prefill_busy_s"):
+        assert key in last
+    assert last["requests"] == 50 and plot.stat().st_size > 0
+
+
+def test_cli_names_a_missing_trace_and_exits_2(capsys, tmp_path):
+    assert main(["--trace", str(tmp_path / "missing.jsonl")]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err
+
+
+def test_cli_names_the_malformed_line_and_exits_2(capsys, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    lines = SLICE.read_text().splitlines()[:3]
+    bad.write_text("\n".join(lines[:2] + ['{"timestamp": 5, "input_length": 700}']) + "\n")
+    assert main(["--trace", str(bad)]) == 2
+    assert "bad.jsonl:3" in capsys.readouterr().err
+
+
+def test_cli_names_an_unknown_flag_value_and_exits_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--trace", str(SLICE), "--scheduler", "fastest"])
+    assert e.value.code == 2 and "--scheduler" in capsys.readouterr().err
