@@ -24,6 +24,10 @@ from minicake.serve.protocol import (APIError, ChatCompletionRequest, Completion
                                      RequestRejected, parse_request)
 
 
+class ClientDisconnected(Exception):
+    """The client went away before its answer was ready; nobody is left to answer."""
+
+
 def create_app(cluster, served_model_name: str, metrics: ServerMetrics) -> FastAPI:
     """The app serves `cluster` under the model name `served_model_name`; the caller owns the
     cluster (and closes it after the server stops)."""
@@ -131,10 +135,6 @@ def apply_chat_template(req: ChatCompletionRequest, tokenizer) -> list[int]:
     messages = [{"role": m.role, "content": m.text()} for m in req.messages]
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     return tokenizer.encode(text, add_special_tokens=False)  # the template wrote its specials
-
-
-class ClientDisconnected(Exception):
-    """The client went away before its answer was ready; nobody is left to answer."""
 
 
 @dataclasses.dataclass
