@@ -1,0 +1,170 @@
+"""Layer-wise KV transfer from a prefill to a decode instance over torch.distributed (DESIGN.md 4.5).
+
+After layer j of a prefill step has stored its K/V, the prefill instance calls
+`KVSender.send_layer`: a fixed-size header (transfer id, layer, first block, number of blocks)
+and then that layer's blocks, copied into one contiguous tensor, leave with non-blocking sends,
+and prefill goes on with layer j+1. The decode instance's `KVReceiver` reads each prefill rank's
+stream header first, sizes the payload buffer from it (in gloo a receive buffer smaller than the
+message aborts the process) and copies the blocks into the blocks it reserved. Only tensors cross
+here, through torch.distributed, so gloo on CPU and NCCL on GPUs take the same code path.
+"""
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+HEADER_TAG, PAYLOAD_TAG = 1, 2  # separate tags: a header never matches a payload receive
+HEADER_LEN = 4  # int64: transfer id, layer, first block (index in the request's block table), number of blocks
+
+# A gloo work completes only inside wait(), and a wait that times out ends the work: so waits
+# run in one helper thread per peer, in the order the messages were posted, and the main
+# thread only reads their results from a queue.
+
+
+class KVSender:
+    """Prefill side: starts sends and learns later how they ended; never waits on a send."""
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self.results: queue.SimpleQueue = queue.SimpleQueue()  # (xfer_id, error or None), one per send
+        self.waiters: dict[int, queue.SimpleQueue] = {}  # dst rank -> sends its thread waits for
+        self.num_pending = 0
+
+    def send_layer(self, xfer_id: int, dst: int, layer: int, first_block: int,
+                   block_ids: list[int], k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+        """Send one layer's blocks `block_ids`, which are the request's blocks first_block,
+        first_block+1, ... of its block table. k_cache, v_cache: [num_blocks, block_size,
+        num_kv_heads, head_dim]. The payload is a copy: the blocks may be reused right away."""
+        assert block_ids, "send at least one block"
+        idx = torch.tensor(block_ids, device=k_cache.device)
+        payload = torch.stack((k_cache[idx], v_cache[idx]))  # [2, n, block_size, num_kv_heads, head_dim]
+        header = torch.tensor([xfer_id, layer, first_block, len(block_ids)],
+                              dtype=torch.int64, device=k_cache.device)
+        try:
+            works = [dist.isend(header, dst, tag=HEADER_TAG), dist.isend(payload, dst, tag=PAYLOAD_TAG)]
+        except RuntimeError as e:  # the peer is gone already
+            works = e
+        if dst not in self.waiters:
+            self.waiters[dst] = queue.SimpleQueue()
+            threading.Thread(target=self._wait_sends, args=(dst, self.waiters[dst]),
+                             name=f"kv-send-{dst}", daemon=True).start()
+        self.num_pending += 1
+        self.waiters[dst].put((xfer_id, works, payload))  # the payload lives until its send ends
+
+    def poll(self) -> list[tuple[int, str]]:
+        """(transfer id, reason) for each send that failed or timed out since the last poll."""
+        failed = []
+        while not self.results.empty():
+            xfer_id, error = self.results.get()
+            self.num_pending -= 1
+            if error is not None:
+                failed.append((xfer_id, error))
+        return failed
+
+    def _wait_sends(self, dst: int, sends: queue.SimpleQueue) -> None:
+        error = None  # after one failure the stream to dst is out of step: fail every later send
+        while True:
+            xfer_id, works, _payload = sends.get()
+            try:
+                if isinstance(works, Exception):
+                    raise works
+                for w in works:
+                    if error is None:
+                        w.wait(timeout=timedelta(seconds=self.timeout))
+            except Exception as e:  # noqa: BLE001 - a dead peer or a timeout, reported as text
+                error = f"KV send to rank {dst} failed: {e}"
+            self.results.put((xfer_id, error))
+
+
+@dataclass
+class _Expected:
+    block_ids: list[int]  # the request's whole block table on the decode side
+    first_block: int  # blocks before this one the decode side already holds
+    sources: set[int]  # prefill ranks that send parts of it
+    remaining: int  # (layer, block) pairs still to arrive
+    since: float  # when it was expected
+
+
+class KVReceiver:
+    """Decode side: drains every prefill rank's stream into the reserved blocks.
+
+    Payloads of a transfer nobody expects (aborted or timed out) are received and dropped, so
+    each stream stays in step with its sender whatever happens to single requests.
+    """
+
+    def __init__(self, sources: list[int], k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
+                 timeout: float):
+        self.k_caches, self.v_caches, self.timeout = k_caches, v_caches, timeout
+        self.expected: dict[int, _Expected] = {}
+        self.arrived: queue.SimpleQueue = queue.SimpleQueue()  # (src, header list, payload | error text)
+        self.last_progress = {src: time.monotonic() for src in sources}
+        self.errors: dict[int, str] = {}
+        for src in sources:
+            threading.Thread(target=self._receive_stream, args=(src,), name=f"kv-recv-{src}", daemon=True).start()
+
+    def expect(self, xfer_id: int, block_ids: list[int], first_block: int, sources: list[int]) -> None:
+        """Blocks first_block.. of `block_ids` will arrive for every layer from `sources`."""
+        assert 0 <= first_block < len(block_ids), "a transfer sends at least the last block"
+        assert xfer_id not in self.expected, f"transfer {xfer_id} is already expected"
+        remaining = len(self.k_caches) * (len(block_ids) - first_block)
+        self.expected[xfer_id] = _Expected(list(block_ids), first_block, set(sources), remaining, time.monotonic())
+
+    def forget(self, xfer_id: int) -> None:
+        """Stop expecting a transfer (aborted): its blocks may be freed, late payloads are dropped."""
+        self.expected.pop(xfer_id, None)
+
+    def poll(self) -> tuple[list[int], list[tuple[int, str]]]:
+        """Store what arrived, without waiting. Returns the transfers now complete, and
+        (transfer id, reason) for those whose source failed or sent nothing of theirs for
+        `timeout` seconds; neither is expected any more."""
+        while not self.arrived.empty():
+            src, header, payload = self.arrived.get()
+            self.last_progress[src] = time.monotonic()
+            if isinstance(payload, str):
+                self.errors[src] = payload
+            else:
+                self._store(*header, payload)
+        done, failed, now = [], [], time.monotonic()
+        for xfer_id, exp in list(self.expected.items()):
+            errors = [self.errors[s] for s in exp.sources if s in self.errors]
+            quiet_since = max([exp.since] + [self.last_progress[s] for s in exp.sources])
+            if exp.remaining == 0:
+                done.append(xfer_id)
+            elif errors:
+                failed.append((xfer_id, errors[0]))
+            elif now - quiet_since > self.timeout:
+                failed.append((xfer_id, f"no KV from ranks {sorted(exp.sources)} for {self.timeout:.0f}s"))
+            else:
+                continue
+            del self.expected[xfer_id]
+        return done, failed
+
+    def _receive_stream(self, src: int) -> None:
+        like = self.k_caches[0]  # [num_blocks, block_size, num_kv_heads, head_dim]
+        try:
+            while True:
+                header = torch.empty(HEADER_LEN, dtype=torch.int64, device=like.device)
+                dist.irecv(header, src, tag=HEADER_TAG).wait()
+                header = header.tolist()
+                payload = torch.empty((2, header[3], *like.shape[1:]), dtype=like.dtype, device=like.device)
+                dist.irecv(payload, src, tag=PAYLOAD_TAG).wait()
+                self.arrived.put((src, header, payload))
+        except Exception as e:  # noqa: BLE001 - a dead peer ends the stream; the reason is reported
+            self.arrived.put((src, None, f"KV stream from rank {src} failed: {e}"))
+
+    def _store(self, xfer_id: int, layer: int, first_block: int, num_blocks: int, payload: torch.Tensor) -> None:
+        """payload: [2, num_blocks, block_size, num_kv_heads, head_dim], K then V."""
+        exp = self.expected.get(xfer_id)
+        if exp is None:
+            return  # aborted or timed out: drop
+        assert 0 <= layer < len(self.k_caches), f"transfer {xfer_id}: layer {layer} out of range"
+        assert exp.first_block <= first_block and first_block + num_blocks <= len(exp.block_ids), \
+            f"transfer {xfer_id}: blocks {first_block}..{first_block + num_blocks} outside the reserved ones"
+        idx = torch.tensor(exp.block_ids[first_block:first_block + num_blocks], device=payload.device)
+        self.k_caches[layer][idx] = payload[0]
+        self.v_caches[layer][idx] = payload[1]
+        exp.remaining -= num_blocks
