@@ -178,6 +178,13 @@ def test_predictive_rejects_what_early_admits_when_assigned_requests_will_have_j
     assert predictive.schedule(req, now=0.0).reason == "decode overloaded"
 
 
+def test_predictive_keeps_a_request_that_outlived_the_mean_decode_duration():
+    req = Request(0, 2000, 10, [])
+    predictive = predictive_cluster("predictive")
+    predictive.decode[0].members[100].join_s = -10.0  # running for 10 s, mean is 2 s: still there
+    assert predictive.schedule(req, now=0.0).reason == "decode overloaded"
+
+
 def test_finishing_releases_kv_room_and_teaches_the_decode_duration():
     conductor, _ = cluster()
     req = request(new_tokens=10)

@@ -149,7 +149,7 @@ class Conductor:
             self._commit_prefill(d, now)
             return d
         at = now + d.ttft_s if cfg.admission == "predictive" else None
-        d.decode_id, d.tbt_s = self._choose_decode(req, at)
+        d.decode_id, d.tbt_s = self._choose_decode(req, now, at)
         if d.decode_id is None:
             return Decision(False, "no KV room", ttft_s=d.ttft_s)
         if cfg.admission != "none" and max(prefill_load, d.tbt_s / cfg.tbt_slo_s) >= cfg.load_threshold:
@@ -164,7 +164,7 @@ class Conductor:
         prefill (baseline admission only), and that prefill was wasted."""
         if decision.decode_id is not None:
             return decision.decode_id
-        decode_id, tbt = self._choose_decode(req, None)
+        decode_id, tbt = self._choose_decode(req, now, None)
         if decode_id is None or tbt / self.config.tbt_slo_s >= self.config.load_threshold:
             return None
         decision.decode_id, decision.tbt_s = decode_id, tbt
@@ -210,7 +210,7 @@ class Conductor:
             return min(plans, key=lambda p: self.prefill[p.prefill_id].busy_until_s)
         return min(plans, key=lambda p: p.ttft_s)
 
-    def _choose_decode(self, req: Request, at: float | None) -> tuple[int | None, float]:
+    def _choose_decode(self, req: Request, now: float, at: float | None) -> tuple[int | None, float]:
         """Lowest predicted TBT among decode instances with KV room for the whole request;
         TBT as of now, or as of time `at` (prediction-based admission)."""
         need = req.prompt_len + req.max_new_tokens
@@ -221,19 +221,21 @@ class Conductor:
             if at is None:
                 batch, context = state.batch_size + 1, state.context_tokens + req.prompt_len
             else:
-                batch, context = self._predicted_batch(state, at)
+                batch, context = self._predicted_batch(state, now, at)
                 batch, context = batch + 1, context + req.prompt_len
             tbt = self.cost.decode_step_time(batch, context)
             if tbt < best_tbt:
                 best, best_tbt = state.instance_id, tbt
         return best, best_tbt
 
-    def _predicted_batch(self, state: DecodeState, at: float) -> tuple[int, int]:
-        """(batch size, context tokens) of `state` at time `at`: requests that will have joined
-        by then and, with the mean decode duration, not yet finished (DESIGN.md 4.7)."""
+    def _predicted_batch(self, state: DecodeState, now: float, at: float) -> tuple[int, int]:
+        """(batch size, context tokens) of `state` at time `at` (DESIGN.md 4.7): the running
+        requests and those whose prefill ends by `at`, less those predicted to end in (now, at]
+        with the mean decode duration. A request already past the mean is known to be still
+        running, so it stays: dropping it would undercount the long requests that fill a batch."""
         batch = context = 0
         for m in state.members.values():
-            if m.join_s <= at < m.join_s + self.avg_decode_s:
+            if m.join_s <= at and not now < m.join_s + self.avg_decode_s <= at:
                 batch += 1
                 context += m.prompt_len
         return batch, context
