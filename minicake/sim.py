@@ -15,7 +15,7 @@ from rich.table import Table
 
 from minicake.sched.conductor import ADMISSIONS, SCHEDULERS, ConductorConfig
 from minicake.sched.cost_model import load_profile
-from minicake.sched.sim_metrics import REJECTED_AFTER_PREFILL
+from minicake.sched.sim_plot import plot_load
 from minicake.sched.simulator import SimConfig, Simulator
 from minicake.sched.trace import load_trace
 
@@ -67,34 +67,6 @@ def print_table(console: Console, summary: dict) -> None:
     console.print(table)
 
 
-def plot_load(result, path: str, title: str) -> None:
-    """Per-instance prefill load (predicted queue / TTFT SLO) and decode load (step time / TBT
-    SLO) over time, with the rejections below."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit("--plot needs matplotlib: pip install 'minicake[plot]'") from None
-    t = [s[0] for s in result.samples]
-    fig, axes = plt.subplots(3, 1, figsize=(11, 8), sharex=True, height_ratios=[2, 2, 1])
-    for ax, side, k in ((axes[0], "prefill", 1), (axes[1], "decode", 2)):
-        for i in range(len(result.samples[0][k])):
-            ax.plot(t, [s[k][i] for s in result.samples], lw=0.8)
-        ax.axhline(1.0, color="k", ls="--", lw=0.8)
-        ax.set_ylabel(f"{side} load")
-    rej = [r for r in result.rejections]
-    axes[2].hist([[r[0] for r in rej if r[1] != REJECTED_AFTER_PREFILL],
-                  [r[0] for r in rej if r[1] == REJECTED_AFTER_PREFILL]],
-                 bins=100, range=(0, t[-1]), stacked=True, label=["at admission", "after prefill"])
-    axes[2].set_ylabel("rejections")
-    axes[2].set_xlabel("time (s)")
-    axes[2].legend(loc="upper right")
-    axes[0].set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     console = Console(stderr=True)
@@ -117,8 +89,8 @@ def main(argv=None) -> int:
     summary = result.summary() | {"sim_wall_s": round(wall, 2)}
     print_table(Console(), summary)
     if args.plot:
-        plot_load(result, args.plot, f"{args.trace.split('/')[-1]}: {args.prefill}P+{args.decode}D, "
-                  f"{args.scheduler}, admission {args.admission}, {args.speed}x")
+        plot_load([(f"{args.trace.split('/')[-1]}: {args.prefill}P+{args.decode}D, {args.scheduler}, "
+                    f"admission {args.admission}, {args.speed}x", result)], args.plot)
     config = {k: v for k, v in vars(args).items() if k != "plot"}
     print(json.dumps(config | summary))
     return 0
