@@ -66,11 +66,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def instance_counts(args) -> tuple[int, int, bool]:
     """(prefill, decode, colocated) from the flags and the machine."""
-    if args.colocated or args.prefill == 0:
-        return 0, 1, True
     gpus = torch.cuda.device_count() if args.device in (None, "cuda") else 0
-    if gpus == 1 and args.prefill is None and args.decode is None:
-        return 0, 1, True
+    if args.colocated or args.prefill == 0 or (
+            gpus == 1 and args.prefill is None and args.decode is None):
+        return 1, 1, True
     prefill = args.prefill if args.prefill is not None else max(1, (gpus + 1) // 2)
     decode = args.decode if args.decode is not None else max(1, gpus // 2)
     return prefill, decode, False
