@@ -89,6 +89,7 @@ def measure(case: Case, peak_gbps) -> dict:
     from minicake.kernels.paged_attention import paged_attention
     out = paged_attention(*case.paged)
     max_diff = (out.float() - run_sdpa(case).float()).abs().max().item()
+    assert max_diff < 0.05, f"kernel and SDPA disagree by {max_diff}: not timing a wrong kernel"
     kernel_ms = triton.testing.do_bench(lambda: paged_attention(*case.paged), return_mode="median")
     sdpa_ms = triton.testing.do_bench(lambda: run_sdpa(case), return_mode="median")
     gbps = case.bytes_moved / kernel_ms / 1e6

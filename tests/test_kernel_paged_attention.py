@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from minicake.kernels.paged_attention import paged_attention
+from minicake.kernels.paged_attention import default_num_splits, paged_attention
 from minicake.kernels.reference import paged_attention_ref, store_kv_ref
 from minicake.model.attention import AttentionMetadata, attention, set_attention_backend
 
@@ -114,6 +114,19 @@ def test_kv_splits_combine_to_the_unsplit_result(num_splits):
     batch = make_batch([(100, 1), (0, 1), (50, 30)], group=3)
     out = paged_attention(*batch.args, num_splits=num_splits)
     torch.testing.assert_close(out, paged_attention_ref(*batch.args), **FP32_TOL)
+
+
+def test_a_long_context_decode_equals_reference():
+    # on a GPU the default splits this over several programs (one sequence cannot fill the SMs)
+    batch = make_batch([(3000, 1)], group=3)
+    torch.testing.assert_close(paged_attention(*batch.args), paged_attention_ref(*batch.args), **FP32_TOL)
+
+
+def test_kv_is_split_only_when_the_grid_is_too_small_for_the_gpu():
+    assert default_num_splits(num_programs=8, max_context=32768, num_sms=132) == 64  # batch 1, 8 KV heads
+    assert default_num_splits(num_programs=8, max_context=2048, num_sms=132) == 4  # splits keep >= 512 tokens
+    assert default_num_splits(num_programs=2048, max_context=32768, num_sms=132) == 1  # a big batch fills the GPU
+    assert default_num_splits(num_programs=8, max_context=32768, num_sms=1) == 1  # the CPU interpreter
 
 
 def test_explicit_scale_is_used():

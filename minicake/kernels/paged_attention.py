@@ -34,6 +34,34 @@ def _find_seq_idx(query_start_loc_ptr, q_tile_idx, num_seqs, BLOCK_Q: tl.constex
 
 
 @triton.jit
+def _load_kv_tile(cache_ptr, block, offset, kv_ok, kv_head, stride_b, stride_o, stride_h,
+                  HEAD_DIM: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """Gather BLOCK_N keys (or values) of one KV head; block, offset, kv_ok: [BLOCK_N]."""
+    offs_d = tl.arange(0, HEAD_DIM)  # [HEAD_DIM]
+    ptrs = cache_ptr + block[:, None] * stride_b + offset[:, None] * stride_o + kv_head * stride_h + offs_d[None, :]
+    return tl.load(ptrs, mask=kv_ok[:, None], other=0.0).to(DOT_DTYPE)  # [BLOCK_N, HEAD_DIM]
+
+
+@triton.jit
+def _online_softmax_step(q, k, v, offs_n, q_pos, m_i, l_i, acc, qk_scale,
+                         CACHE_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Fold one K/V tile into the running softmax state of every row.
+    q: [BLOCK_M, HEAD_DIM]; k, v: [BLOCK_N, HEAD_DIM]; offs_n: [BLOCK_N] and q_pos: [BLOCK_M] positions;
+    m_i, l_i: [BLOCK_M] running max (base 2) and denominator; acc: [BLOCK_M, HEAD_DIM] running numerator."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+    s = tl.where(offs_n[None, :] <= q_pos[:, None], s, float("-inf"))  # causal by position
+    m_new = tl.maximum(m_i, tl.max(s, 1))  # [BLOCK_M]
+    # a row that has seen no key yet (a later split's early rows) keeps p = alpha = 0
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # [BLOCK_M]
+    p = tl.exp2(s - m_safe[:, None])  # [BLOCK_M, BLOCK_N]
+    alpha = tl.exp2(m_i - m_safe)  # [BLOCK_M] rescales what was summed under the old max
+    l_i = l_i * alpha + tl.sum(p, 1)
+    p = p.to(CACHE_DTYPE).to(DOT_DTYPE)  # rounded to the cache dtype, as a bf16/fp16 tensor-core dot does
+    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _paged_attention_kernel(
     out_ptr,  # [num_tokens, num_q_heads, HEAD_DIM]; fp32 [NUM_SPLITS, ...] partial acc when split
     m_ptr, l_ptr,  # [NUM_SPLITS, num_tokens, num_q_heads] fp32, used only when NUM_SPLITS > 1
@@ -95,23 +123,12 @@ def _paged_attention_kernel(
         # physical block and offset of every key: [BLOCK_N]
         block = tl.load(block_table_ptr + offs_n // BLOCK_SIZE, mask=kv_ok, other=0).to(tl.int64)
         offset = offs_n % BLOCK_SIZE
-        k = tl.load(k_cache_ptr + block[:, None] * stride_k_b + offset[:, None] * stride_k_o
-                    + kv_head * stride_k_h + offs_d[None, :], mask=kv_ok[:, None], other=0.0).to(DOT_DTYPE)  # [BLOCK_N, HEAD_DIM]
-        v = tl.load(v_cache_ptr + block[:, None] * stride_v_b + offset[:, None] * stride_v_o
-                    + kv_head * stride_v_h + offs_d[None, :], mask=kv_ok[:, None], other=0.0).to(DOT_DTYPE)  # [BLOCK_N, HEAD_DIM]
-
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-        s = tl.where(offs_n[None, :] <= q_pos[:, None], s, float("-inf"))  # causal by position
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # [BLOCK_M]
-        # a row that has seen no key yet (a later split's early rows) keeps p = alpha = 0
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # [BLOCK_M]
-        p = tl.exp2(s - m_safe[:, None])  # [BLOCK_M, BLOCK_N]
-        alpha = tl.exp2(m_i - m_safe)  # [BLOCK_M] rescales what was summed under the old max
-        l_i = l_i * alpha + tl.sum(p, 1)
-        # p is rounded to the cache dtype, as the tensor cores' bf16/fp16 dot does
-        p = p.to(v_cache_ptr.dtype.element_ty).to(DOT_DTYPE)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        k = _load_kv_tile(k_cache_ptr, block, offset, kv_ok, kv_head, stride_k_b, stride_k_o, stride_k_h,
+                          HEAD_DIM, DOT_DTYPE)  # [BLOCK_N, HEAD_DIM]
+        v = _load_kv_tile(v_cache_ptr, block, offset, kv_ok, kv_head, stride_v_b, stride_v_o, stride_v_h,
+                          HEAD_DIM, DOT_DTYPE)  # [BLOCK_N, HEAD_DIM]
+        m_i, l_i, acc = _online_softmax_step(q, k, v, offs_n, q_pos, m_i, l_i, acc, qk_scale,
+                                             v_cache_ptr.dtype.element_ty, DOT_DTYPE, DOT_PRECISION)
 
     o_offs = (q_start + q_idx)[:, None] * stride_o_t + head[:, None] * stride_o_h + offs_d[None, :]
     if NUM_SPLITS == 1:
@@ -162,16 +179,13 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_tokens == 0 or num_seqs == 0:
         return out
-    # tile sizes keep sm_90 free of register spills for head_dim <= 128 (checked with ptxas)
-    decode_only = num_tokens == num_seqs  # known from shapes: no need to read q lengths
-    block_m = max(16 if decode_only else 128, triton.next_power_of_2(group))
-    block_q = block_m // group
-    block_n = 32
+    block_m, block_q, block_n, num_warps = launch_config(num_tokens, num_seqs, group)
     num_q_tiles = num_tokens // block_q + num_seqs  # upper bound, see _find_seq_idx
     if num_splits is None:
-        max_context = block_tables.shape[1] * block_size
-        num_splits = _default_num_splits(num_q_tiles * num_kv_heads, max_context, q.device)
-    assert num_splits >= 1 and num_splits & (num_splits - 1) == 0, f"num_splits={num_splits} is not a power of two"
+        num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
+        num_splits = default_num_splits(num_q_tiles * num_kv_heads, block_tables.shape[1] * block_size, num_sms)
+    if num_splits < 1 or num_splits & (num_splits - 1):
+        raise ValueError(f"num_splits must be a power of two, got {num_splits}")
     if num_splits == 1:
         dest, m, l = out, out, out  # m, l unused
         stride_o_s, stride_ml_s, stride_ml_t = 0, 0, 0
@@ -193,7 +207,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc
         BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
         NUM_SPLITS=num_splits, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         DOT_DTYPE=tl.float32 if triton.knobs.runtime.interpret else _TL_DTYPES[q.dtype],
-        num_warps=4 if decode_only else 8,
+        num_warps=num_warps,
     )
     if num_splits > 1:
         _combine_splits_kernel[(num_tokens, num_q_heads)](
@@ -206,12 +220,20 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc
     return out
 
 
-def _default_num_splits(num_programs: int, max_context: int, device: torch.device) -> int:
-    """Split the KV range until the grid fills the GPU twice over, keeping splits long enough
-    to be worth their partial writes. Decode at small batch and long context is the case."""
-    if device.type != "cuda":
-        return 1
-    num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+def launch_config(num_tokens: int, num_seqs: int, group: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_Q, BLOCK_N, num_warps) from shapes alone. Chosen from sm_90 register counts
+    (no spills at head_dim <= 128, benchmarks/kernel_registers.py), not from GPU timings: none yet."""
+    decode_only = num_tokens == num_seqs  # every sequence brings one token: a 16-row tile is enough
+    block_m = max(16 if decode_only else 128, triton.next_power_of_2(group))
+    if decode_only:  # small tiles, several programs per SM to keep many loads in flight
+        return block_m, block_m // group, 32, 4
+    return block_m, block_m // group, 64, 8
+
+
+def default_num_splits(num_programs: int, max_context: int, num_sms: int) -> int:
+    """Split the KV range until the grid covers the GPU's SMs twice, while each split keeps at
+    least MIN_TOKENS_PER_SPLIT of the longest possible context (max_context, from the block
+    table's width). Small-batch decode at long context is the case this is for."""
     num_splits = 1
     while num_programs * num_splits < 2 * num_sms and max_context >= 2 * num_splits * MIN_TOKENS_PER_SPLIT:
         num_splits *= 2
