@@ -22,6 +22,10 @@ class EngineConfig:
     attention_backend: str = "auto"
     num_threads: int | None = None  # torch CPU threads; None: all cores
     seed: int = 0
+    # disaggregation (minicake/serve): a KV transfer silent this long is aborted; layer-wise
+    # sends overlap prefill compute, False sends every layer after the prompt (the baseline)
+    kv_transfer_timeout: float = 30.0
+    kv_transfer_layerwise: bool = True
 
     def __post_init__(self):
         _positive("block_size", self.block_size)
@@ -30,6 +34,9 @@ class EngineConfig:
         for name in ("kv_cache_memory", "num_kv_blocks", "max_model_len", "num_threads"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
+        if not isinstance(self.kv_transfer_timeout, (int, float)) or self.kv_transfer_timeout <= 0:
+            raise ValueError(f"EngineConfig.kv_transfer_timeout must be a positive number of seconds, "
+                             f"got {self.kv_transfer_timeout!r}")
         if not 0 < self.kv_cache_fraction <= 1:
             raise ValueError(f"EngineConfig.kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction!r}")
         if self.attention_backend not in ("auto", "torch", "triton"):
