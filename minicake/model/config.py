@@ -62,6 +62,8 @@ class ModelConfig:
                              "minicake implements 'default' and 'llama3'")
         if raw.get("mlp_bias") or raw.get("hidden_act", "silu") != "silu":
             raise ValueError(f"{path / 'config.json'}: minicake implements the SiLU MLP without bias")
+        if raw.get("use_sliding_window"):
+            raise ValueError(f"{path / 'config.json'}: sliding-window attention is not implemented")
         num_heads = raw["num_attention_heads"]
         return cls(
             architecture=arch,
