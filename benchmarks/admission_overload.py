@@ -19,8 +19,14 @@ from minicake.sched.simulator import SimConfig, Simulator
 from minicake.sched.trace import load_trace
 
 POLICIES = ("baseline", "early", "predictive")
-COLUMNS = ("rejected", "rejected_after_prefill", "wasted_prefill_s", "finished", "avg_ttft_s", "avg_tbt_s",
+COLUMNS = ("rejected", "rejected_by_reason", "wasted_prefill_s", "finished", "avg_ttft_s", "avg_tbt_s",
            "p90_tbt_s", "effective_fraction")
+
+
+def fmt(value) -> str:
+    if isinstance(value, dict):
+        return "\n".join(f"{k}: {v}" for k, v in value.items())
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def main() -> int:
@@ -50,7 +56,7 @@ def main() -> int:
     for c in COLUMNS:
         table.add_column(c, justify="right")
     for policy, s in summaries.items():
-        table.add_row(policy, *(f"{s[c]:.4g}" if isinstance(s[c], float) else str(s[c]) for c in COLUMNS))
+        table.add_row(policy, *(fmt(s[c]) for c in COLUMNS))
     Console(width=160).print(table)
     if args.plot:
         where = f"{args.prefill}P+{args.decode}D, {args.speed}x, TBT SLO {args.tbt_slo * 1000:g} ms"

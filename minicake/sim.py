@@ -63,6 +63,8 @@ def print_table(console: Console, summary: dict) -> None:
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in summary.items():
+        if isinstance(value, dict):
+            value = "\n".join(f"{k}: {v}" for k, v in value.items()) or "-"
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
     console.print(table)
 

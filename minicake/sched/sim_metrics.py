@@ -35,6 +35,7 @@ class SimResult:
     fetched_blocks: int = 0
     end_s: float = 0.0
     rejections: list[tuple[float, int]] = field(default_factory=list)  # (time, status)
+    rejected_by_reason: dict[str, int] = field(default_factory=dict)   # the Conductor's reasons
     samples: list[tuple[float, list[float], list[float]]] = field(default_factory=list)  # (time, prefill loads, decode loads)
 
     @classmethod
@@ -53,10 +54,17 @@ class SimResult:
     def record_decision(self, rid: int, d: Decision) -> None:
         if d.admitted:
             self.cached_tokens[rid], self.cached_blocks[rid] = d.cached_tokens, d.cached_blocks
+        else:
+            self._count(d.reason)
 
     def reject(self, rid: int, now: float, status: int) -> None:
         self.status[rid] = status
         self.rejections.append((now, status))
+        if status == REJECTED_AFTER_PREFILL:
+            self._count("decode refused after prefill")
+
+    def _count(self, reason: str) -> None:
+        self.rejected_by_reason[reason] = self.rejected_by_reason.get(reason, 0) + 1
 
     def finish(self, rid: int, decode_id: int, join_step: int) -> None:
         self.status[rid], self.decode_id[rid], self.join_step[rid] = FINISHED, decode_id, join_step
@@ -91,6 +99,7 @@ class SimResult:
             "requests": int(len(self.status)), "finished": int(done.sum()),
             "rejected": int((self.status == REJECTED).sum() + (self.status == REJECTED_AFTER_PREFILL).sum()),
             "rejected_after_prefill": int((self.status == REJECTED_AFTER_PREFILL).sum()),
+            "rejected_by_reason": dict(sorted(self.rejected_by_reason.items())),
             "avg_ttft_s": float(ttft.mean()) if len(ttft) else float("nan"),
             "p50_ttft_s": pct(ttft, 50), "p90_ttft_s": pct(ttft, 90), "p99_ttft_s": pct(ttft, 99),
             "avg_tbt_s": float(np.nanmean(tbt[done])) if done.any() else float("nan"),
