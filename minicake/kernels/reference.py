@@ -32,29 +32,73 @@ def paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start
     returns [num_tokens, num_q_heads, head_dim]; new token i of sequence s sits at position
     seq_lens[s] - q_len_s + i and sees cache positions 0..that position.
     """
-    _, num_q_heads, head_dim = q.shape
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    head_dim = q.shape[-1]
     scale = head_dim ** -0.5 if scale is None else scale
     out = torch.empty_like(q)
     starts, lens = query_start_loc.tolist(), seq_lens.tolist()
+    q_lens = [starts[s + 1] - starts[s] for s in range(len(lens))]
+    # decodes (one new token each) in one batched call; prefill chunks one sequence at a time
+    decodes = [s for s, n in enumerate(q_lens) if n == 1]
+    if decodes:
+        rows = query_start_loc[decodes].long()  # the one token of each decode
+        out[rows] = _decode_attention(q[rows], k_cache, v_cache, block_tables[decodes], seq_lens[decodes], scale)
     for s, seq_len in enumerate(lens):
-        q_s = q[starts[s]:starts[s + 1]]  # [q_len, num_q_heads, head_dim]
-        q_len = q_s.shape[0]
-        if q_len == 0:
-            continue
-        blocks = block_tables[s, :(seq_len + block_size - 1) // block_size].long()
-        # gather the sequence's blocks: [seq_len, num_kv_heads, head_dim]
-        k_s = k_cache[blocks].flatten(0, 1)[:seq_len]
-        v_s = v_cache[blocks].flatten(0, 1)[:seq_len]
-        mask = None
-        if q_len > 1:  # query i sits at seq_len - q_len + i and sees keys up to there
-            q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
-            mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]  # [q_len, seq_len]
-        o = F.scaled_dot_product_attention(
-            q_s.transpose(0, 1).float(),  # [num_q_heads, q_len, head_dim]
-            k_s.transpose(0, 1).float(),  # [num_kv_heads, seq_len, head_dim]
-            v_s.transpose(0, 1).float(),
-            attn_mask=mask, scale=scale, enable_gqa=num_q_heads != num_kv_heads,
-        )
-        out[starts[s]:starts[s + 1]] = o.transpose(0, 1).to(q.dtype)
+        if q_lens[s] > 1:
+            out[starts[s]:starts[s + 1]] = _prefill_attention(
+                q[starts[s]:starts[s + 1]], k_cache, v_cache, block_tables[s], seq_len, scale)
     return out
+
+
+def _gather(k_cache, v_cache, block_tables, num_blocks):
+    """K/V of each row's first num_blocks blocks: [rows, num_blocks * block_size, num_kv_heads, head_dim].
+    Padding entries (-1) read block 0; the caller masks those positions."""
+    blocks = block_tables[:, :num_blocks].long().clamp(min=0).flatten()
+    shape = (block_tables.shape[0], num_blocks * k_cache.shape[1], *k_cache.shape[2:])
+    return k_cache.index_select(0, blocks).view(shape), v_cache.index_select(0, blocks).view(shape)
+
+
+def _decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale):
+    """One new token per sequence. q: [num_seqs, num_q_heads, head_dim], returns the same shape.
+
+    Each sequence's keys are flattened to rows of (position, kv head), and every query head
+    is scored against every row in one batched matmul; rows of the wrong kv head (GQA) and
+    positions past the sequence's end get -inf, so a softmax over all rows is the per-head
+    softmax, and one more batched matmul with the values finishes. Reading K and V once as
+    contiguous matrices beats the extra (cheap) scores of mismatched heads on a CPU.
+    """
+    num_seqs, num_q_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    max_len = int(seq_lens.max())
+    k, v = _gather(k_cache, v_cache, block_tables, -(-max_len // block_size))
+    padded_len = k.shape[1]
+    past_end = torch.arange(padded_len, device=q.device)[None, :] >= seq_lens[:, None]  # [num_seqs, padded_len]
+    v.masked_fill_(past_end[:, :, None, None], 0.0)  # unowned slots may hold anything, even NaN
+    k = k.flatten(1, 2).float()  # [num_seqs, padded_len * num_kv_heads, head_dim]
+    v = v.flatten(1, 2).float()
+    scores = torch.bmm(q.float() * scale, k.transpose(1, 2))  # [num_seqs, num_q_heads, padded_len * num_kv_heads]
+    head = torch.arange(num_q_heads, device=q.device) // (num_q_heads // num_kv_heads)
+    wrong_head = head[:, None] != torch.arange(num_kv_heads, device=q.device)[None, :]  # [num_q_heads, num_kv_heads]
+    hidden = past_end[:, None, :, None] | wrong_head[None, :, None, :]  # [num_seqs, num_q_heads, padded_len, num_kv_heads]
+    scores.view(num_seqs, num_q_heads, padded_len, num_kv_heads).masked_fill_(hidden, float("-inf"))
+    return torch.bmm(scores.softmax(dim=-1), v).to(q.dtype)  # [num_seqs, num_q_heads, head_dim]
+
+
+def _prefill_attention(q, k_cache, v_cache, block_table, seq_len, scale):
+    """The q_len new tokens of one sequence, at positions seq_len - q_len ..., over its cache.
+
+    q: [q_len, num_q_heads, head_dim]. The query heads that share a kv head are stacked as one
+    longer query, so the kv heads are never copied for GQA.
+    """
+    q_len, num_q_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_q_heads // num_kv_heads
+    k, v = _gather(k_cache, v_cache, block_table[None], -(-seq_len // block_size))
+    k = k[0, :seq_len].transpose(0, 1).float()  # [num_kv_heads, seq_len, head_dim]
+    v = v[0, :seq_len].transpose(0, 1).float()
+    # q: [num_kv_heads, group * q_len, head_dim], head h = kv_head * group + g
+    q_g = q.view(q_len, num_kv_heads, group, head_dim).permute(1, 2, 0, 3).reshape(num_kv_heads, group * q_len, head_dim)
+    q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
+    mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]  # [q_len, seq_len]
+    o = F.scaled_dot_product_attention(q_g.float(), k, v, attn_mask=mask.repeat(group, 1), scale=scale)
+    # o: [num_kv_heads, group * q_len, head_dim] -> [q_len, num_q_heads, head_dim]
+    return o.view(num_kv_heads, group, q_len, head_dim).permute(2, 0, 1, 3).reshape(q_len, num_q_heads, head_dim).to(q.dtype)

@@ -1,0 +1,153 @@
+"""One serving instance: model, paged KV cache, scheduler, sampler; one `step()` at a time.
+
+`step()` reads as nano-vllm's: schedule → run → postprocess. Postprocessing appends the
+sampled tokens, keys the newly full blocks for prefix caching, detokenizes incrementally,
+checks the stop conditions and releases finished sequences' blocks. Requests are refused
+before any work starts if they can never run (empty, too long, larger than the cache).
+"""
+import os
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from minicake.cache.block_manager import BlockManager
+from minicake.cache.kv_cache import allocate_kv_caches, bytes_per_block, free_memory, num_blocks_for
+from minicake.config import EngineConfig
+from minicake.model.attention import set_attention_backend
+from minicake.model.config import ModelConfig
+from minicake.model.loader import load_model, resolve_model
+from minicake.model.runner import ModelRunner
+from minicake.model.tokenizer import IncrementalDetokenizer, Tokenizer
+from minicake.sampling import SamplingParams
+from minicake.request_state import RequestState
+from minicake.sched.scheduler import Scheduler
+from minicake.sched.sequence import Sequence
+
+LIVE_ENGINES: "weakref.WeakSet[Engine]" = weakref.WeakSet()  # the tests' leak check walks these
+
+
+@dataclass
+class StepOutput:
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort" | None
+    num_prompt_tokens: int
+    num_cached_tokens: int
+
+
+class Engine:
+    def __init__(self, config: EngineConfig | None = None):
+        self.config = config = config or EngineConfig()
+        self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cpu":
+            torch.set_num_threads(config.num_threads or os.cpu_count())
+        set_attention_backend(config.attention_backend)
+        path = resolve_model(config.model)
+        self.model_config = ModelConfig.from_dir(path)
+        self.tokenizer = Tokenizer.from_dir(path)
+        dtype = getattr(torch, config.dtype) if config.dtype else None
+        self.model = load_model(path, self.device, dtype)
+        self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
+        self.eos_token_ids = set(self.model_config.eos_token_ids)
+        self.kv_caches = self._allocate_kv_caches(next(self.model.parameters()).dtype)
+        num_blocks = self.kv_caches[0][0].shape[0]
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, self.kv_caches, config.block_size, self.device, config.seed)
+        self.requests: dict[str, RequestState] = {}
+        self.aborted: list[StepOutput] = []  # reported by the next step()
+        LIVE_ENGINES.add(self)
+
+    def _allocate_kv_caches(self, dtype: torch.dtype):
+        mc, cfg = self.model_config, self.config
+        num_blocks = cfg.num_kv_blocks
+        if num_blocks is None:
+            block_bytes = bytes_per_block(mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim,
+                                          cfg.block_size, dtype)
+            budget = cfg.kv_cache_memory or int(free_memory(self.device) * cfg.kv_cache_fraction)
+            num_blocks = num_blocks_for(budget, block_bytes)
+        return allocate_kv_caches(mc.num_hidden_layers, num_blocks, cfg.block_size,
+                                  mc.num_key_value_heads, mc.head_dim, dtype, self.device)
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request; raises ValueError, having changed nothing, if it can never run."""
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if len(prompt_token_ids) == 0:
+            raise ValueError(f"request {request_id!r}: the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in prompt_token_ids):
+            raise ValueError(f"request {request_id!r}: prompt token ids must be integers in [0, {vocab})")
+        n = len(prompt_token_ids)
+        if n >= self.max_model_len:
+            raise ValueError(f"request {request_id!r}: the prompt has {n} tokens but max_model_len is "
+                             f"{self.max_model_len} (at least one token must be left to generate)")
+        max_len = min(n + params.max_tokens, self.max_model_len)
+        needed = self.block_manager.blocks_needed(max_len)
+        if needed > self.block_manager.num_blocks:
+            raise ValueError(f"request {request_id!r}: {n} prompt tokens + max_tokens={params.max_tokens} need "
+                             f"{needed} KV blocks of {self.config.block_size} tokens, but the cache has only "
+                             f"{self.block_manager.num_blocks}")
+        seq = Sequence(request_id, prompt_token_ids, params)
+        self.requests[request_id] = RequestState(seq, IncrementalDetokenizer(self.tokenizer))
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> None:
+        """Free the request's blocks now; the next step() reports it finished with "abort"."""
+        state = self.requests.pop(request_id, None)
+        if state is None:
+            return
+        self.scheduler.finish(state.seq, "abort")
+        self.aborted.append(self._output(state, [], state.flush(), "abort"))
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self.aborted)
+
+    def step(self) -> list[StepOutput]:
+        seqs = self.scheduler.schedule()
+        tokens = self.runner.execute(seqs) if seqs else []
+        return self._postprocess(seqs, tokens)
+
+    def _postprocess(self, seqs: list[Sequence], tokens: list[int]) -> list[StepOutput]:
+        outputs, self.aborted = self.aborted, []
+        sampled = iter(tokens)
+        for seq in seqs:
+            done = seq.step_done()
+            seq.num_computed_tokens += seq.num_scheduled_tokens
+            seq.num_scheduled_tokens = 0
+            self.block_manager.cache_full_blocks(seq)
+            if not done:
+                continue  # a prefill chunk in the middle of the prompt
+            token = next(sampled)
+            seq.append_token(token)
+            state = self.requests[seq.request_id]
+            reason, text = state.add_token(token, self.eos_token_ids, self.max_model_len)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+                del self.requests[seq.request_id]
+            outputs.append(self._output(state, [token], text, reason))
+        assert next(sampled, None) is None, "more sampled tokens than finished rows"
+        return outputs
+
+    def _output(self, state: RequestState, token_ids: list[int], text: str, reason: str | None) -> StepOutput:
+        seq = state.seq
+        return StepOutput(seq.request_id, token_ids, text, reason is not None, reason,
+                          seq.num_prompt_tokens, seq.num_cached_tokens)
+
+    def stats(self) -> dict:
+        bm = self.block_manager
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "kv_usage": bm.usage(),
+            "num_free_blocks": bm.num_free_blocks,
+            "num_blocks": bm.num_blocks,
+            "prefix_queries_tokens": bm.prefix_queries_tokens,
+            "prefix_hits_tokens": bm.prefix_hits_tokens,
+            "num_preemptions": self.scheduler.num_preemptions,
+        }

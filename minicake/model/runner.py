@@ -1,0 +1,66 @@
+"""The model runner: a scheduled batch of sequences in, one sampled token per finished row out.
+
+It flattens the batch the way the model's attention expects it (DESIGN.md 3): the new
+tokens of every sequence concatenated, their positions, and an `AttentionMetadata` with
+where each sequence starts, its context length, its block table and the cache slot of each
+new token. Only the rows that complete a sequence this step (the last token of a prompt,
+or a decode) go through the LM head and the sampler: a prefill chunk that stops mid-prompt
+samples nothing.
+"""
+import torch
+
+from minicake.model.attention import AttentionMetadata
+from minicake.sampling import sample
+from minicake.sched.sequence import Sequence
+
+
+class ModelRunner:
+    def __init__(self, model, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int,
+                 device: torch.device, seed: int):
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.device = device
+        self.generator = torch.Generator().manual_seed(seed)  # for requests without their own seed
+
+    def prepare(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """Flat inputs for each sequence's scheduled tokens (num_computed .. + num_scheduled)."""
+        bs = self.block_size
+        input_ids, positions, slots, query_start_loc, context_lens = [], [], [], [0], []
+        for seq in seqs:
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + seq.num_scheduled_tokens
+            assert 0 <= start < end <= len(seq), f"bad schedule {start}..{end} of {len(seq)} tokens"
+            table = seq.block_table
+            input_ids += seq.token_ids[start:end]
+            positions += range(start, end)
+            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            query_start_loc.append(query_start_loc[-1] + end - start)
+            context_lens.append(end)
+        width = max(len(seq.block_table) for seq in seqs)
+        # block_tables: [num_seqs, width], padded with -1 (no block)
+        block_tables = [seq.block_table + [-1] * (width - len(seq.block_table)) for seq in seqs]
+
+        def tensor(x, dtype):
+            return torch.tensor(x, dtype=dtype).to(self.device, non_blocking=True)
+
+        meta = AttentionMetadata(
+            query_start_loc=tensor(query_start_loc, torch.int32),
+            context_lens=tensor(context_lens, torch.int32),
+            block_tables=tensor(block_tables, torch.int32),
+            slot_mapping=tensor(slots, torch.int64),
+        )
+        return tensor(input_ids, torch.int64), tensor(positions, torch.int64), meta
+
+    @torch.inference_mode()
+    def execute(self, seqs: list[Sequence]) -> list[int]:
+        """Run one step; returns one token per sequence whose step_done() is True, in order."""
+        input_ids, positions, meta = self.prepare(seqs)
+        hidden = self.model(input_ids, positions, meta, self.kv_caches)  # [num_tokens, hidden]
+        sampled = [i for i, seq in enumerate(seqs) if seq.step_done()]
+        if not sampled:
+            return []
+        last_rows = meta.query_start_loc[1:][sampled].long() - 1  # last new token of each
+        logits = self.model.compute_logits(hidden[last_rows])  # [len(sampled), vocab] fp32
+        params = [seqs[i].params for i in sampled]
+        generators = [seqs[i].generator for i in sampled]
+        return sample(logits.cpu(), params, generators, self.generator)
