@@ -1,0 +1,249 @@
+"""The parent side of a disaggregated deployment: start the instances, route, collect, stop.
+
+`Cluster` starts one process per instance (DESIGN.md 1): prefill groups of `pipeline_stages`
+ranks each, then the decode instances, or one colocated engine. It validates a request,
+hands it to a decode instance (round-robin until the Conductor picks), and gathers the
+`StepOutput`s the instances stream back. A background thread reads the instances' outbox and
+watches the processes: when one dies, every request it touched finishes with "abort" and an
+error, and the survivors free those requests' blocks.
+"""
+import itertools
+import os
+import queue
+import threading
+import time
+from dataclasses import replace
+
+import torch
+import torch.multiprocessing as mp
+
+from minicake.config import EngineConfig
+from minicake.engine import StepOutput
+from minicake.model.config import ModelConfig
+from minicake.model.loader import resolve_model
+from minicake.model.tokenizer import Tokenizer
+from minicake.sampling import SamplingParams
+from minicake.serve.instance import InstanceSpec, run_instance
+from minicake.serve.launcher import launch, stop
+from minicake.serve.messages import Abort, Crashed, NewRequest, Outputs, Ready, Shutdown, Stats
+
+START_TIMEOUT_S = 300.0  # every instance loads its model and reports Ready within this
+EMPTY_STATS = {"num_running": 0, "num_waiting": 0, "kv_usage": 0.0, "num_free_blocks": 0, "num_blocks": 0,
+               "prefix_queries_tokens": 0, "prefix_hits_tokens": 0, "num_preemptions": 0}
+
+
+class Cluster:
+    def __init__(self, config: EngineConfig, prefill_instances: int = 1, decode_instances: int = 1,
+                 pipeline_stages: int = 1, colocated: bool = False):
+        for name, value in (("prefill_instances", prefill_instances), ("decode_instances", decode_instances),
+                            ("pipeline_stages", pipeline_stages)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.config = config
+        path = resolve_model(config.model)  # converts the bundled model once, here, not in every child
+        self.model_config = ModelConfig.from_dir(path)
+        self.tokenizer = Tokenizer.from_dir(path)
+        self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
+        if pipeline_stages > self.model_config.num_hidden_layers:
+            raise ValueError(f"pipeline_stages={pipeline_stages} exceeds the model's "
+                             f"{self.model_config.num_hidden_layers} layers")
+        self.specs = _layout(1 if colocated else prefill_instances, decode_instances, pipeline_stages, colocated)
+        self.prefill_groups = [s.group_ranks for s in self.specs if s.role == "prefill" and s.stage == 0]
+        self.decode_ranks = [s.rank for s in self.specs if s.role in ("decode", "colocated")]
+        self._routes = (itertools.cycle(self.prefill_groups), itertools.cycle([(r,) for r in self.decode_ranks]))
+        self._xfer_ids = itertools.count(1)
+        self._requests: dict[str, tuple[int, ...]] = {}  # request id -> ranks it touches
+        self._lock = threading.Lock()
+        self._outputs: queue.Queue = queue.Queue()
+        self._stats = {s.rank: dict(EMPTY_STATS) for s in self.specs}
+        self._num_blocks: dict[int, int] = {}
+        self._dead: dict[int, str] = {}  # rank -> why
+        self._closed = threading.Event()
+        self._start(config)
+
+    # --- starting and stopping ---------------------------------------------------------
+
+    def _start(self, config: EngineConfig) -> None:
+        n, cuda = len(self.specs), config.device != "cpu" and torch.cuda.is_available()
+        threads = config.num_threads or max(1, (os.cpu_count() or 1) // n)
+        configs = [replace(config, num_threads=threads,
+                           device=f"cuda:{s.rank % torch.cuda.device_count()}" if cuda else "cpu")
+                   for s in self.specs]
+        ctx = mp.get_context("spawn")
+        self._inboxes = [ctx.Queue() for _ in self.specs]
+        self._outbox = ctx.Queue()
+        self.procs = launch(run_instance, [(s, c, self._inboxes, self._outbox) for s, c in zip(self.specs, configs)],
+                            backend="nccl" if cuda else "gloo", num_threads=threads)
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.close()
+            raise
+        self._pump_thread = threading.Thread(target=self._pump, name="cluster-outbox", daemon=True)
+        self._pump_thread.start()
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while len(self._num_blocks) < len(self.specs):
+            try:
+                msg = self._outbox.get(timeout=0.5)
+            except queue.Empty:
+                msg = None
+            if isinstance(msg, Ready):
+                self._num_blocks[msg.rank] = msg.num_blocks
+            elif isinstance(msg, Crashed):
+                raise RuntimeError(f"instance rank {msg.rank} failed to start:\n{msg.error}")
+            dead = [p for p in self.procs if not p.is_alive()]
+            if dead:
+                raise RuntimeError(f"instance process {dead[0].name} exited with code {dead[0].exitcode} while starting")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"instances did not start within {START_TIMEOUT_S:.0f}s")
+
+    def close(self) -> None:
+        """End every instance process; returns within a bounded time whatever their state."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        for inbox in self._inboxes:
+            inbox.put(Shutdown())
+        stop(self.procs, timeout=10.0)
+        for q in [*self._inboxes, self._outbox]:
+            q.cancel_join_thread()  # never block on a pipe nobody reads any more
+            q.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # --- requests --------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Validate (ValueError, nothing changed) and send the request to its decode instance."""
+        self._validate(request_id, prompt_token_ids, params)
+        with self._lock:
+            group = self._pick(self._routes[0], self.prefill_groups)
+            decode_rank = self._pick(self._routes[1], [(r,) for r in self.decode_ranks])[0]
+            ranks = (*group, decode_rank)
+            dead = [r for r in ranks if r in self._dead]
+            if dead:
+                self._outputs.put(_aborted(request_id, len(prompt_token_ids), self._dead[dead[0]]))
+                return
+            self._requests[request_id] = ranks
+        msg = NewRequest(request_id, list(prompt_token_ids), params, next(self._xfer_ids), group)
+        self._inboxes[decode_rank].put(msg)
+
+    def _pick(self, route, choices: list[tuple[int, ...]]) -> tuple[int, ...]:
+        """The next choice in round-robin order whose ranks are all alive (any, if none is)."""
+        for _ in choices:
+            ranks = next(route)
+            if not any(r in self._dead for r in ranks):
+                return ranks
+        return choices[0] if choices else ()
+
+    def _validate(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if len(prompt) == 0:
+            raise ValueError(f"request {request_id!r}: the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in prompt):
+            raise ValueError(f"request {request_id!r}: prompt token ids must be integers in [0, {vocab})")
+        n = len(prompt)
+        if n >= self.max_model_len:
+            raise ValueError(f"request {request_id!r}: the prompt has {n} tokens but max_model_len is "
+                             f"{self.max_model_len} (at least one token must be left to generate)")
+        needed = -(-min(n + params.max_tokens, self.max_model_len) // self.config.block_size)
+        smallest = min(self._num_blocks.values())
+        if needed > smallest:
+            raise ValueError(f"request {request_id!r}: {n} prompt tokens + max_tokens={params.max_tokens} need "
+                             f"{needed} KV blocks of {self.config.block_size} tokens, but the cache has only "
+                             f"{smallest}")
+
+    def abort_request(self, request_id: str) -> None:
+        """Free the request's blocks on every instance; get_outputs reports it finished with "abort"."""
+        with self._lock:
+            ranks = self._requests.pop(request_id, None)
+        if ranks is None:
+            return
+        for rank in ranks:
+            if rank not in self._dead:
+                self._inboxes[rank].put(Abort(request_id))
+        self._outputs.put(_aborted(request_id, 0, None))
+
+    def get_outputs(self, timeout: float) -> list[StepOutput]:
+        """Every output that arrived, waiting up to `timeout` seconds for the first one."""
+        try:
+            outputs = [self._outputs.get(timeout=timeout)]
+        except queue.Empty:
+            return []
+        while not self._outputs.empty():
+            outputs.append(self._outputs.get_nowait())
+        return outputs
+
+    def stats(self) -> list[dict]:
+        """One dict per instance: role, rank, alive, and its engine's latest stats."""
+        return [{"role": s.role, "rank": s.rank, "alive": s.rank not in self._dead, **self._stats[s.rank]}
+                for s in self.specs]
+
+    def is_healthy(self) -> bool:
+        return not self._dead and not self._closed.is_set()
+
+    # --- the outbox thread -----------------------------------------------------------
+
+    def _pump(self) -> None:
+        while not self._closed.is_set():
+            try:
+                msg = self._outbox.get(timeout=0.1)
+            except (queue.Empty, OSError, ValueError):  # ValueError/OSError: closed under us
+                msg = None
+            if isinstance(msg, Outputs):
+                self._deliver(msg.outputs)
+            elif isinstance(msg, Stats):
+                self._stats[msg.rank] = msg.stats
+            elif isinstance(msg, Crashed):
+                self._on_death(msg.rank, f"instance rank {msg.rank} crashed:\n{msg.error}")
+            for spec, p in zip(self.specs, self.procs):
+                if not p.is_alive() and spec.rank not in self._dead and not self._closed.is_set():
+                    self._on_death(spec.rank, f"{spec.role} instance (rank {spec.rank}) died "
+                                              f"with exit code {p.exitcode}")
+
+    def _deliver(self, outputs: list[StepOutput]) -> None:
+        with self._lock:
+            for out in outputs:
+                if out.request_id not in self._requests:
+                    continue  # aborted, or already failed: reported once
+                if out.finished:
+                    del self._requests[out.request_id]
+                self._outputs.put(out)
+
+    def _on_death(self, rank: int, reason: str) -> None:
+        with self._lock:
+            self._dead[rank] = reason
+            hit = [(rid, ranks) for rid, ranks in self._requests.items() if rank in ranks]
+            for rid, _ in hit:
+                del self._requests[rid]
+        for rid, ranks in hit:
+            for r in ranks:
+                if r not in self._dead:
+                    self._inboxes[r].put(Abort(rid))
+            self._outputs.put(_aborted(rid, 0, reason))
+
+
+def _aborted(request_id: str, num_prompt_tokens: int, error: str | None) -> StepOutput:
+    return StepOutput(request_id, [], "", True, "abort", num_prompt_tokens, 0, error=error)
+
+
+def _layout(num_prefill: int, num_decode: int, stages: int, colocated: bool) -> list[InstanceSpec]:
+    """Ranks: prefill group g, stage s is rank g * stages + s; the decode instances follow."""
+    if colocated:
+        return [InstanceSpec("colocated", 0)]
+    groups = [tuple(range(g * stages, (g + 1) * stages)) for g in range(num_prefill)]
+    prefill_ranks = tuple(r for g in groups for r in g)
+    specs = [InstanceSpec("prefill", r, stage=s, group_ranks=g) for g in groups for s, r in enumerate(g)]
+    first = len(prefill_ranks)
+    specs += [InstanceSpec("decode", first + d, prefill_ranks=prefill_ranks) for d in range(num_decode)]
+    return specs

@@ -1,0 +1,132 @@
+"""A decode instance: reserves blocks, receives a prompt's K/V layer by layer, then decodes.
+
+A new request first reserves every block its prompt needs (DESIGN.md 2, step 3), reusing
+the blocks of a prefix this instance already holds, and only then asks its prefill group to
+start, saying which blocks not to send. When all layers have arrived and the last prefill
+stage sent the first token, the sequence joins the engine's running batch as if it had been
+prefilled here, and the ordinary `Engine.step()` decodes it. A failed or silent transfer
+aborts only its own request, with the reason.
+"""
+from collections import deque
+
+import torch
+
+from minicake.cache.transfer import KVReceiver
+from minicake.engine import StepOutput
+from minicake.model.tokenizer import IncrementalDetokenizer
+from minicake.request_state import RequestState
+from minicake.sched.sequence import Sequence, SequenceStatus
+from minicake.serve.instance import Instance, aborted_output
+from minicake.serve.messages import Abort, NewRequest, Prefill, Prefilled, PrefillFailed
+
+
+class DecodeInstance(Instance):
+    def __init__(self, spec, engine, inboxes, outbox):
+        super().__init__(spec, engine, inboxes, outbox)
+        k_caches = [k for k, _ in engine.kv_caches]
+        v_caches = [v for _, v in engine.kv_caches]
+        self.receiver = KVReceiver(list(spec.prefill_ranks), k_caches, v_caches, engine.config.kv_transfer_timeout)
+        self.to_reserve: deque[NewRequest] = deque()  # waiting for free blocks, in arrival order
+        self.receiving: dict[int, tuple[NewRequest, Sequence]] = {}  # transfer id -> request
+        self.prefilled: dict[int, Prefilled] = {}  # first tokens of transfers still receiving
+        self.kv_complete: set[int] = set()
+
+    def handle(self, msg) -> None:
+        if isinstance(msg, NewRequest):
+            self.to_reserve.append(msg)
+        elif isinstance(msg, Prefilled):
+            if msg.xfer_id in self.receiving:
+                self.prefilled[msg.xfer_id] = msg
+        elif isinstance(msg, PrefillFailed):
+            self._fail(msg.xfer_id, msg.error)
+        elif isinstance(msg, Abort):
+            self._abort(msg.request_id)
+        else:
+            raise AssertionError(f"a decode instance got {type(msg).__name__}")
+
+    def busy(self) -> bool:
+        return self.engine.has_unfinished_requests()
+
+    def waiting_for_peers(self) -> bool:
+        return bool(self.to_reserve or self.receiving)
+
+    def work(self) -> None:
+        self._reserve()
+        done, failed = self.receiver.poll()
+        self.kv_complete.update(done)
+        for xfer_id, error in failed:
+            self._fail(xfer_id, error)
+        for xfer_id in [x for x in self.kv_complete if x in self.prefilled]:
+            self._start_decoding(xfer_id)
+        if self.engine.has_unfinished_requests():
+            self.emit(self.engine.step())
+
+    def _reserve(self) -> None:
+        """Reserve blocks for waiting requests, oldest first, then ask prefill to start."""
+        bm = self.engine.block_manager
+        while self.to_reserve:
+            msg = self.to_reserve[0]
+            seq = Sequence(msg.request_id, msg.prompt_token_ids, msg.params)
+            num_cached = bm.allocate_prefix(seq)  # blocks this instance holds are not sent again
+            if not bm.allocate_slots(seq, len(seq) - num_cached):
+                bm.free(seq)
+                bm.forget(seq)
+                return  # no room yet: running requests will finish and free blocks
+            self.to_reserve.popleft()
+            bm.record_prefix_query(len(seq), num_cached)
+            seq.admitted = True
+            first_block = num_cached // bm.block_size
+            self.receiver.expect(msg.xfer_id, seq.block_table, first_block, list(msg.prefill_ranks))
+            self.receiving[msg.xfer_id] = (msg, seq)
+            self.inboxes[msg.prefill_ranks[0]].put(Prefill(msg.request_id, msg.prompt_token_ids, msg.params,
+                                                           msg.xfer_id, self.rank, first_block))
+
+    def _start_decoding(self, xfer_id: int) -> None:
+        """Every layer arrived and the first token is known: join the running batch."""
+        (msg, seq), first = self.receiving.pop(xfer_id), self.prefilled.pop(xfer_id)
+        self.kv_complete.discard(xfer_id)
+        engine = self.engine
+        seq.num_computed_tokens = len(seq)
+        engine.block_manager.cache_full_blocks(seq)
+        seq.num_cached_tokens = first.num_cached_tokens
+        if first.generator_state is not None:  # continue the seeded stream where prefill left it
+            seq.generator.set_state(torch.frombuffer(bytearray(first.generator_state), dtype=torch.uint8))
+        seq.status = SequenceStatus.RUNNING
+        engine.scheduler.running.append(seq)
+        state = engine.requests[seq.request_id] = RequestState(seq, IncrementalDetokenizer(engine.tokenizer))
+        seq.append_token(first.first_token)
+        reason, text = state.add_token(first.first_token, engine.eos_token_ids, engine.max_model_len)
+        if reason is not None:
+            engine.scheduler.finish(seq, reason)
+            del engine.requests[seq.request_id]
+        self.emit([StepOutput(seq.request_id, [first.first_token], text, reason is not None, reason,
+                              seq.num_prompt_tokens, seq.num_cached_tokens)])
+
+    def _fail(self, xfer_id: int, error: str) -> None:
+        """The transfer cannot complete: free the reserved blocks, report the request aborted."""
+        entry = self._drop(xfer_id)
+        if entry is not None:
+            self.emit([aborted_output(entry[0].request_id, len(entry[1]), error)])
+
+    def _abort(self, request_id: str) -> None:
+        self.to_reserve = deque(m for m in self.to_reserve if m.request_id != request_id)
+        for xfer_id, (msg, _) in list(self.receiving.items()):
+            if msg.request_id == request_id:
+                self._drop(xfer_id)
+        self.engine.abort_request(request_id)  # a request already decoding
+
+    def _drop(self, xfer_id: int):
+        entry = self.receiving.pop(xfer_id, None)
+        self.receiver.forget(xfer_id)  # late payloads are drained and dropped
+        self.prefilled.pop(xfer_id, None)
+        self.kv_complete.discard(xfer_id)
+        if entry is not None:
+            self.engine.block_manager.free(entry[1])
+            self.engine.block_manager.forget(entry[1])
+        return entry
+
+    def stats(self) -> dict:
+        stats = self.engine.stats()
+        stats["num_waiting"] += len(self.to_reserve) + len(self.receiving)
+        stats["num_receiving"] = len(self.receiving)
+        return stats

@@ -1,0 +1,128 @@
+"""The loop of one instance process: read the inbox, do one unit of work, report (DESIGN.md 1-2).
+
+`run_instance` is what the launcher starts on every rank: it builds the instance its role
+names (colocated: a plain `Engine`; prefill stage; decode) and runs its loop until the parent
+says `Shutdown`. The loop never blocks for long: it waits on the inbox only when there is
+nothing to compute, so aborts and shutdowns are seen within a step.
+"""
+import logging
+import queue
+import time
+import traceback
+from dataclasses import dataclass
+
+from minicake.config import EngineConfig
+from minicake.engine import Engine, StepOutput
+from minicake.serve.messages import Abort, Crashed, NewRequest, Outputs, Ready, Shutdown, Stats
+
+STATS_PERIOD_S = 0.2  # a busy instance reports its stats at most this often
+IDLE_WAIT_S = 0.05  # inbox wait of an idle instance
+POLL_WAIT_S = 0.001  # inbox wait while only transfers are in flight
+
+
+@dataclass
+class InstanceSpec:
+    role: str  # "colocated" | "prefill" | "decode"
+    rank: int
+    stage: int = 0  # prefill: this process's stage in its group
+    group_ranks: tuple[int, ...] = ()  # prefill: the ranks of its group, stage order
+    prefill_ranks: tuple[int, ...] = ()  # decode: every prefill rank (each may send K/V)
+
+
+class Instance:
+    """The loop shared by all roles; a role fills in `handle`, `work` and `busy`."""
+
+    def __init__(self, spec: InstanceSpec, engine: Engine, inboxes: list, outbox):
+        self.spec, self.rank, self.engine = spec, spec.rank, engine
+        self.inbox, self.inboxes, self.outbox = inboxes[spec.rank], inboxes, outbox
+        self._last_stats, self._stats_time = None, 0.0
+
+    def serve(self) -> None:
+        while True:
+            wait = 0 if self.busy() else (POLL_WAIT_S if self.waiting_for_peers() else IDLE_WAIT_S)
+            for msg in self._drain(wait):
+                if isinstance(msg, Shutdown):
+                    return
+                self.handle(msg)
+            self.work()
+            self._report_stats()
+
+    def _drain(self, wait: float) -> list:
+        msgs = []
+        try:
+            msgs.append(self.inbox.get(timeout=wait) if wait else self.inbox.get_nowait())
+            while True:
+                msgs.append(self.inbox.get_nowait())
+        except queue.Empty:
+            return msgs
+
+    def emit(self, outputs: list) -> None:
+        if outputs:
+            self.outbox.put(Outputs(self.rank, outputs))
+
+    def stats(self) -> dict:
+        return self.engine.stats()
+
+    def _report_stats(self) -> None:
+        now = time.monotonic()
+        if now - self._stats_time < STATS_PERIOD_S and self.busy():
+            return
+        stats = self.stats()
+        if stats != self._last_stats:
+            self.outbox.put(Stats(self.rank, stats))
+            self._last_stats, self._stats_time = stats, now
+
+    def busy(self) -> bool:
+        return self.engine.has_unfinished_requests()
+
+    def waiting_for_peers(self) -> bool:
+        return False
+
+
+class ColocatedInstance(Instance):
+    """One ordinary engine that prefills and decodes: the baseline of disaggregation."""
+
+    def handle(self, msg) -> None:
+        if isinstance(msg, NewRequest):
+            try:
+                self.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.params)
+            except ValueError as e:  # the parent validated already; report, never crash
+                self.emit([aborted_output(msg.request_id, len(msg.prompt_token_ids), str(e))])
+        elif isinstance(msg, Abort):
+            self.engine.abort_request(msg.request_id)
+        else:
+            raise AssertionError(f"a colocated instance got {type(msg).__name__}")
+
+    def work(self) -> None:
+        if self.engine.has_unfinished_requests():
+            self.emit(self.engine.step())
+
+
+def aborted_output(request_id: str, num_prompt_tokens: int, error: str) -> StepOutput:
+    return StepOutput(request_id, [], "", True, "abort", num_prompt_tokens, 0, error=error)
+
+
+def run_instance(rank: int, spec: InstanceSpec, config: EngineConfig, inboxes: list, outbox) -> None:
+    """Entry point of an instance process (called by the launcher inside the process group)."""
+    assert rank == spec.rank, f"launched as rank {rank} for the instance of rank {spec.rank}"
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        instance = build_instance(spec, config, inboxes, outbox)
+        outbox.put(Ready(rank, instance.engine.block_manager.num_blocks))
+        instance.serve()
+    except Exception:  # noqa: BLE001 - the parent turns this into aborted requests
+        outbox.put(Crashed(rank, traceback.format_exc()))
+    finally:
+        outbox.close()
+        outbox.join_thread()  # every message is out before the process leaves
+
+
+def build_instance(spec: InstanceSpec, config: EngineConfig, inboxes: list, outbox) -> Instance:
+    engine = Engine(config)
+    if spec.role == "colocated":
+        return ColocatedInstance(spec, engine, inboxes, outbox)
+    if spec.role == "prefill":
+        from minicake.serve.prefill_instance import PrefillInstance
+        return PrefillInstance(spec, engine, inboxes, outbox)
+    from minicake.serve.decode_instance import DecodeInstance
+    return DecodeInstance(spec, engine, inboxes, outbox)

@@ -1,0 +1,112 @@
+"""Chunked pipeline-parallel prefill (DESIGN.md 4.6) and the layer loop that streams K/V (4.5).
+
+A prefill group of S processes splits the model's layers into S contiguous ranges. Stage 0
+schedules (chunked prefill, prefix cache) and describes each step as a `StageBatch`; the batch
+travels down the stages through the control plane while its hidden states travel through
+torch.distributed, so stage s works on chunk c while stage s+1 works on chunk c-1. Every
+stage sends the K/V of its own layers to the decode instance right after computing them.
+All stages have the same number of blocks and follow stage 0's block tables in the same
+order, so a block id means the same tokens on every stage. S=1 is plain prefill.
+"""
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from minicake.cache.transfer import KVSender
+from minicake.model.attention import AttentionMetadata
+
+HIDDEN_TAG = 3  # hidden states between neighbour stages
+
+
+def stage_layers(num_layers: int, num_stages: int, stage: int) -> range:
+    """The contiguous layers of one stage; the first stages take one more when it does not divide."""
+    assert 0 <= stage < num_stages <= num_layers, f"stage {stage} of {num_stages} over {num_layers} layers"
+    base, extra = divmod(num_layers, num_stages)
+    start = stage * base + min(stage, extra)
+    return range(start, start + base + (stage < extra))
+
+
+@dataclass
+class SendPlan:
+    """Send the request's blocks first_block.. (ids `block_ids` on this prefill group) to `dst`."""
+    xfer_id: int
+    dst: int
+    first_block: int
+    block_ids: list[int]
+
+
+@dataclass
+class SampleRow:
+    """A request whose prompt ends in this step: the last stage samples its first token."""
+    row: int  # index of its last new token in the flat batch
+    xfer_id: int
+    dst: int
+    params: object  # SamplingParams
+    num_cached_tokens: int
+
+
+@dataclass
+class StageBatch:
+    """One prefill step as plain lists (control plane); hidden states follow on torch.distributed."""
+    positions: list[int]
+    query_start_loc: list[int]
+    context_lens: list[int]
+    block_tables: list[list[int]]
+    slot_mapping: list[int]
+    sends: list[SendPlan]  # after each layer (layer-wise) or after the last one (send-all-after)
+    samples: list[SampleRow]
+    layerwise: bool
+
+    def tensors(self, device) -> tuple[torch.Tensor, AttentionMetadata]:
+        def t(x, dtype):
+            return torch.tensor(x, dtype=dtype, device=device)
+        meta = AttentionMetadata(t(self.query_start_loc, torch.int32), t(self.context_lens, torch.int32),
+                                 t(self.block_tables, torch.int32), t(self.slot_mapping, torch.int64))
+        return t(self.positions, torch.int64), meta
+
+
+class StageRunner:
+    """Runs this stage's layers over a batch and starts the K/V sends after each of them."""
+
+    def __init__(self, model, kv_caches, layers: range, sender: KVSender, timeout: float):
+        self.model, self.kv_caches, self.layers = model, kv_caches, layers
+        self.sender, self.timeout = sender, timeout
+        self.hidden_sends: list = []  # (works, tensors) of the hidden states sent downstream
+
+    @torch.inference_mode()
+    def run_layers(self, hidden, residual, positions, meta: AttentionMetadata, batch: StageBatch):
+        """hidden, residual: [num_tokens, hidden_size] (residual None at layer 0)."""
+        for i in self.layers:
+            k_cache, v_cache = self.kv_caches[i]
+            hidden, residual = self.model.layers[i](positions, hidden, residual, meta, k_cache, v_cache)
+            if batch.layerwise:
+                self._send(batch.sends, i)
+        if not batch.layerwise:
+            for i in self.layers:
+                self._send(batch.sends, i)
+        return hidden, residual
+
+    def _send(self, sends: list[SendPlan], layer: int) -> None:
+        k_cache, v_cache = self.kv_caches[layer]
+        for s in sends:
+            self.sender.send_layer(s.xfer_id, s.dst, layer, s.first_block, s.block_ids, k_cache, v_cache)
+
+    def send_hidden(self, hidden, residual, dst: int) -> None:
+        """Pass the activations to the next stage; waits only for the previous batch's send,
+        which keeps at most two batches between neighbours."""
+        self._wait_hidden_sends()
+        payload = torch.stack((hidden, residual)).contiguous()  # [2, num_tokens, hidden_size]
+        self.hidden_sends.append(([dist.isend(payload, dst, tag=HIDDEN_TAG)], payload))
+
+    def _wait_hidden_sends(self) -> None:
+        for works, _ in self.hidden_sends:
+            for w in works:
+                w.wait(timeout=timedelta(seconds=self.timeout))
+        self.hidden_sends = []
+
+    def recv_hidden(self, num_tokens: int, hidden_size: int, dtype, device, src: int):
+        payload = torch.empty((2, num_tokens, hidden_size), dtype=dtype, device=device)
+        dist.irecv(payload, src, tag=HIDDEN_TAG).wait(timeout=timedelta(seconds=self.timeout))
+        return payload[0], payload[1]

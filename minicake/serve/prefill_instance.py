@@ -1,0 +1,139 @@
+"""A prefill instance: one stage of a prefill group that computes prompts and ships their K/V.
+
+Stage 0 owns the request queue: its engine's scheduler cuts prompts into chunks (prefix
+cache included), and each step becomes a `StageBatch` with, per request, which blocks are
+ready to send. Every stage runs its layers, sends each layer's new blocks to the decode
+instance that reserved them (DESIGN.md 4.5), and hands the hidden states to the next stage
+(4.6). The last stage samples the first token and tells the decode instance `Prefilled`.
+A prefill instance never decodes: a request leaves it once its prompt is computed.
+"""
+from collections import deque
+
+import torch
+
+from minicake.cache.transfer import KVSender
+from minicake.sampling import sample
+from minicake.sched.sequence import Sequence
+from minicake.serve.instance import Instance
+from minicake.serve.messages import Abort, Prefill, Prefilled, PrefillFailed
+from minicake.serve.pipeline import SampleRow, SendPlan, StageBatch, StageRunner, stage_layers
+
+
+class PrefillInstance(Instance):
+    def __init__(self, spec, engine, inboxes, outbox):
+        super().__init__(spec, engine, inboxes, outbox)
+        cfg, layers = engine.config, len(engine.model.layers)
+        self.stage, self.group = spec.stage, spec.group_ranks
+        self.is_last = self.stage == len(self.group) - 1
+        self.sender = KVSender(cfg.kv_transfer_timeout)
+        self.runner = StageRunner(engine.model, engine.kv_caches, stage_layers(layers, len(self.group), self.stage),
+                                  self.sender, cfg.kv_transfer_timeout)
+        self.generator = torch.Generator().manual_seed(cfg.seed)  # for unseeded sampled requests
+        self.requests: dict[str, tuple[Sequence, Prefill]] = {}  # stage 0: request id -> its sequence
+        self.sent_blocks: dict[str, int] = {}  # stage 0: request id -> blocks sent (or held by decode)
+        self.batches: deque[StageBatch] = deque()  # stages > 0: batches from the previous stage
+        self.dst_of: dict[int, int] = {}  # transfer id -> decode rank, to report failed sends
+
+    def handle(self, msg) -> None:
+        if isinstance(msg, Prefill):
+            assert self.stage == 0, "requests enter a prefill group at stage 0"
+            seq = Sequence(msg.request_id, msg.prompt_token_ids, msg.params)
+            self.requests[msg.request_id] = (seq, msg)
+            self.sent_blocks[msg.request_id] = msg.first_block
+            self.engine.scheduler.add(seq)
+        elif isinstance(msg, StageBatch):
+            self.batches.append(msg)
+        elif isinstance(msg, Abort):
+            entry = self.requests.pop(msg.request_id, None)
+            if entry is not None:
+                self.engine.scheduler.finish(entry[0], "abort")
+                del self.sent_blocks[msg.request_id]
+        else:
+            raise AssertionError(f"a prefill instance got {type(msg).__name__}")
+
+    def busy(self) -> bool:
+        return self.engine.scheduler.has_unfinished() or bool(self.batches)
+
+    def waiting_for_peers(self) -> bool:
+        return self.sender.num_pending > 0
+
+    def work(self) -> None:
+        for xfer_id, error in self.sender.poll():
+            self.inboxes[self.dst_of[xfer_id]].put(PrefillFailed(xfer_id, error))
+        if self.stage == 0:
+            self._schedule_and_run()
+        elif self.batches:
+            batch = self.batches.popleft()
+            positions, meta = batch.tensors(self.engine.device)
+            hidden, residual = self.runner.recv_hidden(len(batch.positions), self.engine.model_config.hidden_size,
+                                                       self.engine.kv_caches[0][0].dtype, self.engine.device,
+                                                       src=self.group[self.stage - 1])
+            self._forward(hidden, residual, positions, meta, batch)
+
+    def _schedule_and_run(self) -> None:
+        seqs = self.engine.scheduler.schedule()
+        if not seqs:
+            return
+        input_ids, positions, meta = self.engine.runner.prepare(seqs)
+        batch = self._describe(seqs, positions, meta)
+        with torch.inference_mode():
+            hidden = self.engine.model.embed(input_ids)  # [num_tokens, hidden_size]
+        self._forward(hidden, None, positions, meta, batch)
+        self._advance(seqs)
+
+    def _describe(self, seqs: list[Sequence], positions, meta) -> StageBatch:
+        """The step as a StageBatch: the blocks each request completes now are sent."""
+        bm, layerwise = self.engine.block_manager, self.engine.config.kv_transfer_layerwise
+        query_start_loc = meta.query_start_loc.tolist()
+        sends, samples = [], []
+        for i, seq in enumerate(seqs):
+            prefill = self.requests[seq.request_id][1]
+            end = seq.num_computed_tokens + seq.num_scheduled_tokens
+            done = seq.step_done()  # the prompt's last chunk: its partial last block goes too
+            ready = bm.blocks_needed(end) if done else end // bm.block_size
+            first = self.sent_blocks[seq.request_id] if layerwise else prefill.first_block
+            if ready > first and (layerwise or done):
+                sends.append(SendPlan(prefill.xfer_id, prefill.decode_rank, first, seq.block_table[first:ready]))
+                self.sent_blocks[seq.request_id] = ready
+                self.dst_of[prefill.xfer_id] = prefill.decode_rank
+            if done:
+                samples.append(SampleRow(query_start_loc[i + 1] - 1, prefill.xfer_id, prefill.decode_rank,
+                                         seq.params, seq.num_cached_tokens))
+        return StageBatch(positions.tolist(), query_start_loc, meta.context_lens.tolist(),
+                          meta.block_tables.tolist(), meta.slot_mapping.tolist(), sends, samples, layerwise)
+
+    def _forward(self, hidden, residual, positions, meta, batch: StageBatch) -> None:
+        hidden, residual = self.runner.run_layers(hidden, residual, positions, meta, batch)
+        if not self.is_last:
+            nxt = self.group[self.stage + 1]
+            self.runner.send_hidden(hidden, residual, nxt)  # posted before the batch is announced
+            self.inboxes[nxt].put(batch)
+            for s in batch.sends:
+                self.dst_of[s.xfer_id] = s.dst
+        elif batch.samples:
+            self._sample(hidden, residual, batch.samples)
+
+    @torch.inference_mode()
+    def _sample(self, hidden, residual, samples: list[SampleRow]) -> None:
+        """Only the last token of each finished prompt goes through the norm and the LM head."""
+        rows = torch.tensor([s.row for s in samples], device=hidden.device)
+        logits = self.engine.model.compute_logits(self.engine.model.final_norm(hidden[rows], residual[rows]))
+        generators = [None if s.params.seed is None else torch.Generator().manual_seed(s.params.seed)
+                      for s in samples]
+        tokens = sample(logits.cpu(), [s.params for s in samples], generators, self.generator)
+        for s, token, g in zip(samples, tokens, generators):
+            state = None if g is None else g.get_state().numpy().tobytes()
+            self.inboxes[s.dst].put(Prefilled(s.xfer_id, token, state, s.num_cached_tokens))
+
+    def _advance(self, seqs: list[Sequence]) -> None:
+        """Stage 0 after its layers ran: count the tokens computed, release finished prompts
+        (their blocks stay in the prefix cache; later stages see the same block ids in order)."""
+        bm = self.engine.block_manager
+        for seq in seqs:
+            done = seq.step_done()
+            seq.num_computed_tokens += seq.num_scheduled_tokens
+            seq.num_scheduled_tokens = 0
+            bm.cache_full_blocks(seq)
+            if done:
+                self.engine.scheduler.finish(seq, "prefilled")
+                del self.requests[seq.request_id], self.sent_blocks[seq.request_id]

@@ -1,0 +1,136 @@
+"""Disaggregated prefill and decode compute what the colocated engine computes.
+
+Three clusters of the tiny Llama checkpoint are started once for the module (process start-up
+is slow on a small CPU): one colocated engine, 1 prefill + 1 decode, and a 2-stage pipelined
+prefill group + 1 decode. Chunks are 32 tokens and blocks 4 tokens, so prompts span several
+chunks, and a prompt that shares a prefix with an earlier one finds it cached on both sides.
+"""
+import time
+
+import pytest
+import torch
+
+from minicake.config import EngineConfig
+from minicake.sampling import SamplingParams
+from minicake.serve.cluster import Cluster
+
+PROMPT_LENS = [5, 17, 40, 90, 33]
+
+
+def tiny_config(path, **overrides) -> EngineConfig:
+    settings = dict(model=str(path), device="cpu", block_size=4, num_kv_blocks=160, max_num_batched_tokens=32,
+                    max_num_seqs=8, num_threads=1, kv_transfer_timeout=20.0)
+    return EngineConfig(**(settings | overrides))
+
+
+def prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(3, 500, (n,), generator=g).tolist() for n in PROMPT_LENS]
+
+
+def run(cluster: Cluster, batch: dict[str, list[int]], params: SamplingParams, limit: float = 60.0) -> dict:
+    """Submit every prompt, wait for all to finish; request id -> (tokens, reason, cached)."""
+    for request_id, prompt in batch.items():
+        cluster.add_request(request_id, prompt, params)
+    results = {rid: ([], None, 0) for rid in batch}
+    deadline = time.monotonic() + limit
+    while any(r[1] is None for r in results.values()):
+        assert time.monotonic() < deadline, f"no answer within {limit}s: {results}"
+        for out in cluster.get_outputs(timeout=0.5):
+            tokens, _, _ = results[out.request_id]
+            results[out.request_id] = (tokens + out.new_token_ids, out.finish_reason, out.num_cached_tokens)
+    return results
+
+
+def settled_stats(cluster: Cluster, limit: float = 10.0) -> list[dict]:
+    """The instances' stats once no block is in use anywhere (or the last seen after `limit`)."""
+    deadline = time.monotonic() + limit
+    while True:
+        stats = cluster.stats()
+        if all(s["num_free_blocks"] == s["num_blocks"] and s["num_running"] == 0 for s in stats) \
+                or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def clusters(tiny_checkpoint):
+    config = tiny_config(tiny_checkpoint("llama"))
+    started = {}
+    try:
+        started["colocated"] = Cluster(config, colocated=True)
+        started["1P+1D"] = Cluster(config, prefill_instances=1, decode_instances=1)
+        started["2-stage+1D"] = Cluster(config, pipeline_stages=2)
+        yield started
+    finally:
+        for cluster in started.values():
+            cluster.close()
+
+
+def generate_all(cluster: Cluster, params: SamplingParams, tag: str) -> dict:
+    """The mixed batch, then a prompt sharing the 90-token prompt's first 64 tokens."""
+    batch = {f"{tag}-{i}": p for i, p in enumerate(prompts())}
+    results = run(cluster, batch, params)
+    shared = batch[f"{tag}-3"][:64] + [7, 8, 9, 10, 11]
+    results |= run(cluster, {f"{tag}-prefix": shared}, params)
+    return results
+
+
+@pytest.mark.parametrize("mode", ["1P+1D", "2-stage+1D"])
+def test_greedy_tokens_equal_the_colocated_engine(clusters, mode):
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    expected = generate_all(clusters["colocated"], params, "g")
+    got = generate_all(clusters[mode], params, "g")
+    for rid, (tokens, reason, _) in expected.items():
+        assert got[rid][0] == tokens, f"{mode}: {rid} differs"
+        assert got[rid][1] == reason == "length"
+    assert got["g-prefix"][2] == 64, "the shared prefix is served from the prefill instance's cache"
+
+
+def test_seeded_sampling_continues_on_the_decode_instance(clusters):
+    params = SamplingParams(temperature=0.9, top_k=50, seed=123, max_tokens=8, ignore_eos=True)
+    batch = {"s-0": prompts()[2]}
+    expected = run(clusters["colocated"], batch, params)
+    assert run(clusters["1P+1D"], batch, params)["s-0"][0] == expected["s-0"][0]
+
+
+def test_decode_instance_keeps_prompt_blocks_and_receives_only_the_missing_ones(clusters):
+    cluster = clusters["1P+1D"]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    prompt = prompts()[3]
+    before = {s["role"]: s["prefix_hits_tokens"] for s in settled_stats(cluster)}
+    run(cluster, {"held-0": prompt}, params)
+    run(cluster, {"held-1": prompt[:80] + [1, 2, 3]}, params)
+    after = {s["role"]: s["prefix_hits_tokens"] for s in settled_stats(cluster)}
+    assert after["decode"] - before["decode"] >= 80, "the decode side reuses the 80 tokens it holds"
+
+
+def test_abort_frees_the_request_on_every_instance(clusters):
+    for cluster in (clusters["1P+1D"], clusters["2-stage+1D"]):
+        cluster.add_request("long", prompts()[3], SamplingParams(temperature=0, max_tokens=150, ignore_eos=True))
+        while not cluster.get_outputs(timeout=10):
+            pass
+        cluster.abort_request("long")
+        outs = []
+        while not any(o.request_id == "long" and o.finished for o in outs):
+            outs += cluster.get_outputs(timeout=10)
+        assert outs[-1].finish_reason == "abort"
+        stats = settled_stats(cluster)
+        assert all(s["num_free_blocks"] == s["num_blocks"] for s in stats), stats
+
+
+def test_every_block_is_free_after_the_requests_finish(clusters):
+    for name, cluster in clusters.items():
+        stats = settled_stats(cluster)
+        assert [s["num_free_blocks"] for s in stats] == [s["num_blocks"] for s in stats], name
+        assert cluster.is_healthy() and all(s["alive"] for s in stats)
+
+
+def test_bad_requests_are_refused_in_the_parent(clusters):
+    cluster = clusters["1P+1D"]
+    with pytest.raises(ValueError, match="empty"):
+        cluster.add_request("e", [], SamplingParams())
+    with pytest.raises(ValueError, match="max_model_len is 256"):
+        cluster.add_request("l", [1] * 300, SamplingParams())
+    with pytest.raises(ValueError, match="pipeline_stages=3 exceeds the model's 2 layers"):
+        Cluster(cluster.config, pipeline_stages=3)
