@@ -19,6 +19,7 @@ from pathlib import Path
 os.environ["TRITON_INTERPRET"] = "0"  # compile for real, even when run from the test environment
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
@@ -38,7 +39,8 @@ def compile_report(phase: str, group: int, head_dim: int, dtype: str = "bf16", b
     """ptxas registers and spill bytes of one kernel specialisation for sm_90."""
     num_seqs = 8
     num_tokens = num_seqs if phase == "decode" else 512 * num_seqs
-    block_m, block_q, block_n, num_warps = launch_config(num_tokens, num_seqs, group)
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    block_m, block_q, block_n, num_warps = launch_config(num_tokens, num_seqs, group, torch_dtype)
     constexprs = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_Q=block_q,
                       BLOCK_N=block_n, NUM_SPLITS=1, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
                       DOT_DTYPE={"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}[dtype])

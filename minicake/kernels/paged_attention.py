@@ -179,7 +179,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_tokens == 0 or num_seqs == 0:
         return out
-    block_m, block_q, block_n, num_warps = launch_config(num_tokens, num_seqs, group)
+    block_m, block_q, block_n, num_warps = launch_config(num_tokens, num_seqs, group, q.dtype)
     num_q_tiles = num_tokens // block_q + num_seqs  # upper bound, see _find_seq_idx
     if num_splits is None:
         num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
@@ -220,13 +220,17 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc
     return out
 
 
-def launch_config(num_tokens: int, num_seqs: int, group: int) -> tuple[int, int, int, int]:
+def launch_config(num_tokens: int, num_seqs: int, group: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_Q, BLOCK_N, num_warps) from shapes alone. Chosen from sm_90 register counts
-    (no spills at head_dim <= 128, benchmarks/kernel_registers.py), not from GPU timings: none yet."""
-    decode_only = num_tokens == num_seqs  # every sequence brings one token: a 16-row tile is enough
-    block_m = max(16 if decode_only else 128, triton.next_power_of_2(group))
-    if decode_only:  # small tiles, several programs per SM to keep many loads in flight
+    (no bf16 spills at head_dim <= 128, benchmarks/kernel_registers.py), not from GPU timings."""
+    min_rows = triton.next_power_of_2(group)
+    if num_tokens == num_seqs:  # decode only: one token per sequence, a 16-row tile is enough
+        block_m = max(16, min_rows)
+        return block_m, block_m // group, 32, 4  # small tiles, several programs per SM
+    if dtype == torch.float32:  # the tests' dtype: half tiles keep shared memory under 100 KB
+        block_m = max(64, min_rows)
         return block_m, block_m // group, 32, 4
+    block_m = max(128, min_rows)
     return block_m, block_m // group, 64, 8
 
 
