@@ -36,6 +36,7 @@ class StepOutput:
     finish_reason: str | None  # "stop" | "length" | "abort" | None
     num_prompt_tokens: int
     num_cached_tokens: int
+    error: str | None = None  # why an aborted request failed (a dead instance, a timeout)
 
 
 class Engine:
