@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 LOG2_E = 1.4426950408889634
-MIN_TOKENS_PER_SPLIT = 512  # below this a KV split costs more in partial writes than it gains
+MIN_TOKENS_PER_SPLIT = 512  # shortest KV range worth a program and a partial write (a guess, not timed yet)
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
