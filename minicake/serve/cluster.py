@@ -25,7 +25,7 @@ from minicake.model.tokenizer import Tokenizer
 from minicake.sampling import SamplingParams
 from minicake.serve.instance import InstanceSpec, run_instance
 from minicake.serve.launcher import launch, stop
-from minicake.serve.messages import Abort, Crashed, NewRequest, Outputs, Ready, Shutdown, Stats
+from minicake.serve.messages import PARENT, Abort, Crashed, Mailbox, NewRequest, Outputs, Ready, Shutdown, Stats, make_pipes
 
 START_TIMEOUT_S = 300.0  # every instance loads its model and reports Ready within this
 EMPTY_STATS = {"num_running": 0, "num_waiting": 0, "kv_usage": 0.0, "num_free_blocks": 0, "num_blocks": 0,
@@ -58,7 +58,8 @@ class Cluster:
         self._stats = {s.rank: dict(EMPTY_STATS) for s in self.specs}
         self._num_blocks: dict[int, int] = {}
         self._dead: dict[int, str] = {}  # rank -> why
-        self._closed = threading.Event()
+        self._closing = False  # set by close(): deaths from then on are expected
+        self._stopped = threading.Event()  # the outbox thread ends
         self._start(config)
 
     # --- starting and stopping ---------------------------------------------------------
@@ -69,11 +70,13 @@ class Cluster:
         configs = [replace(config, num_threads=threads,
                            device=f"cuda:{s.rank % torch.cuda.device_count()}" if cuda else "cpu")
                    for s in self.specs]
-        ctx = mp.get_context("spawn")
-        self._inboxes = [ctx.Queue() for _ in self.specs]
-        self._outbox = ctx.Queue()
-        self.procs = launch(run_instance, [(s, c, self._inboxes, self._outbox) for s, c in zip(self.specs, configs)],
+        ends = make_pipes(mp.get_context("spawn"), [PARENT] + [s.rank for s in self.specs])
+        self.procs = launch(run_instance, [(s, c, ends[s.rank]) for s, c in zip(self.specs, configs)],
                             backend="nccl" if cuda else "gloo", num_threads=threads)
+        for rank, (incoming, outgoing) in ends.items():
+            if rank != PARENT:  # the children hold these now; a dead child's pipes must hit EOF
+                Mailbox(incoming, outgoing).close()
+        self._mailbox = Mailbox(*ends[PARENT])
         try:
             self._wait_ready()
         except BaseException:
@@ -85,14 +88,11 @@ class Cluster:
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
         while len(self._num_blocks) < len(self.specs):
-            try:
-                msg = self._outbox.get(timeout=0.5)
-            except queue.Empty:
-                msg = None
-            if isinstance(msg, Ready):
-                self._num_blocks[msg.rank] = msg.num_blocks
-            elif isinstance(msg, Crashed):
-                raise RuntimeError(f"instance rank {msg.rank} failed to start:\n{msg.error}")
+            for msg in self._mailbox.receive(timeout=0.5):
+                if isinstance(msg, Ready):
+                    self._num_blocks[msg.rank] = msg.num_blocks
+                elif isinstance(msg, Crashed):
+                    raise RuntimeError(f"instance rank {msg.rank} failed to start:\n{msg.error}")
             dead = [p for p in self.procs if not p.is_alive()]
             if dead:
                 raise RuntimeError(f"instance process {dead[0].name} exited with code {dead[0].exitcode} while starting")
@@ -101,15 +101,16 @@ class Cluster:
 
     def close(self) -> None:
         """End every instance process; returns within a bounded time whatever their state."""
-        if self._closed.is_set():
+        if self._closing:
             return
-        self._closed.set()
-        for inbox in self._inboxes:
-            inbox.put(Shutdown())
+        self._closing = True
+        for spec in self.specs:
+            self._mailbox.send(spec.rank, Shutdown())
         stop(self.procs, timeout=10.0)
-        for q in [*self._inboxes, self._outbox]:
-            q.cancel_join_thread()  # never block on a pipe nobody reads any more
-            q.close()
+        self._stopped.set()
+        if hasattr(self, "_pump_thread"):
+            self._pump_thread.join(timeout=1.0)
+        self._mailbox.close()
 
     def __enter__(self):
         return self
@@ -132,7 +133,7 @@ class Cluster:
                 return
             self._requests[request_id] = ranks
         msg = NewRequest(request_id, list(prompt_token_ids), params, next(self._xfer_ids), group)
-        self._inboxes[decode_rank].put(msg)
+        self._mailbox.send(decode_rank, msg)
 
     def _pick(self, route, choices: list[tuple[int, ...]]) -> tuple[int, ...]:
         """The next choice in round-robin order whose ranks are all alive (any, if none is)."""
@@ -171,7 +172,7 @@ class Cluster:
             return
         for rank in ranks:
             if rank not in self._dead:
-                self._inboxes[rank].put(Abort(request_id))
+                self._mailbox.send(rank, Abort(request_id))
         self._outputs.put(_aborted(request_id, 0, None))
 
     def get_outputs(self, timeout: float) -> list[StepOutput]:
@@ -190,24 +191,21 @@ class Cluster:
                 for s in self.specs]
 
     def is_healthy(self) -> bool:
-        return not self._dead and not self._closed.is_set()
+        return not self._dead and not self._closing
 
     # --- the outbox thread -----------------------------------------------------------
 
     def _pump(self) -> None:
-        while not self._closed.is_set():
-            try:
-                msg = self._outbox.get(timeout=0.1)
-            except (queue.Empty, OSError, ValueError):  # ValueError/OSError: closed under us
-                msg = None
-            if isinstance(msg, Outputs):
-                self._deliver(msg.outputs)
-            elif isinstance(msg, Stats):
-                self._stats[msg.rank] = msg.stats
-            elif isinstance(msg, Crashed):
-                self._on_death(msg.rank, f"instance rank {msg.rank} crashed:\n{msg.error}")
+        while not self._stopped.is_set():
+            for msg in self._mailbox.receive(timeout=0.1):
+                if isinstance(msg, Outputs):
+                    self._deliver(msg.outputs)
+                elif isinstance(msg, Stats):
+                    self._stats[msg.rank] = msg.stats
+                elif isinstance(msg, Crashed):
+                    self._on_death(msg.rank, f"instance rank {msg.rank} crashed:\n{msg.error}")
             for spec, p in zip(self.specs, self.procs):
-                if not p.is_alive() and spec.rank not in self._dead and not self._closed.is_set():
+                if not p.is_alive() and spec.rank not in self._dead and not self._closing:
                     self._on_death(spec.rank, f"{spec.role} instance (rank {spec.rank}) died "
                                               f"with exit code {p.exitcode}")
 
@@ -229,7 +227,7 @@ class Cluster:
         for rid, ranks in hit:
             for r in ranks:
                 if r not in self._dead:
-                    self._inboxes[r].put(Abort(rid))
+                    self._mailbox.send(r, Abort(rid))
             self._outputs.put(_aborted(rid, 0, reason))
 
 

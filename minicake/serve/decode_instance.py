@@ -21,8 +21,8 @@ from minicake.serve.messages import Abort, NewRequest, Prefill, Prefilled, Prefi
 
 
 class DecodeInstance(Instance):
-    def __init__(self, spec, engine, inboxes, outbox):
-        super().__init__(spec, engine, inboxes, outbox)
+    def __init__(self, spec, engine, mailbox):
+        super().__init__(spec, engine, mailbox)
         k_caches = [k for k, _ in engine.kv_caches]
         v_caches = [v for _, v in engine.kv_caches]
         self.receiver = KVReceiver(list(spec.prefill_ranks), k_caches, v_caches, engine.config.kv_transfer_timeout)
@@ -78,8 +78,8 @@ class DecodeInstance(Instance):
             first_block = num_cached // bm.block_size
             self.receiver.expect(msg.xfer_id, seq.block_table, first_block, list(msg.prefill_ranks))
             self.receiving[msg.xfer_id] = (msg, seq)
-            self.inboxes[msg.prefill_ranks[0]].put(Prefill(msg.request_id, msg.prompt_token_ids, msg.params,
-                                                           msg.xfer_id, self.rank, first_block))
+            self.mailbox.send(msg.prefill_ranks[0], Prefill(msg.request_id, msg.prompt_token_ids, msg.params,
+                                                            msg.xfer_id, self.rank, first_block))
 
     def _start_decoding(self, xfer_id: int) -> None:
         """Every layer arrived and the first token is known: join the running batch."""

@@ -1,23 +1,22 @@
-"""The loop of one instance process: read the inbox, do one unit of work, report (DESIGN.md 1-2).
+"""The loop of one instance process: read the mailbox, do one unit of work, report (DESIGN.md 1-2).
 
 `run_instance` is what the launcher starts on every rank: it builds the instance its role
 names (colocated: a plain `Engine`; prefill stage; decode) and runs its loop until the parent
-says `Shutdown`. The loop never blocks for long: it waits on the inbox only when there is
+says `Shutdown`. The loop never blocks for long: it waits on its mailbox only when there is
 nothing to compute, so aborts and shutdowns are seen within a step.
 """
 import logging
-import queue
 import time
 import traceback
 from dataclasses import dataclass
 
 from minicake.config import EngineConfig
 from minicake.engine import Engine, StepOutput
-from minicake.serve.messages import Abort, Crashed, NewRequest, Outputs, Ready, Shutdown, Stats
+from minicake.serve.messages import PARENT, Abort, Crashed, Mailbox, NewRequest, Outputs, Ready, Shutdown, Stats
 
 STATS_PERIOD_S = 0.2  # a busy instance reports its stats at most this often
-IDLE_WAIT_S = 0.05  # inbox wait of an idle instance
-POLL_WAIT_S = 0.001  # inbox wait while only transfers are in flight
+IDLE_WAIT_S = 0.05  # mailbox wait of an idle instance
+POLL_WAIT_S = 0.001  # mailbox wait while only transfers are in flight
 
 
 @dataclass
@@ -32,33 +31,23 @@ class InstanceSpec:
 class Instance:
     """The loop shared by all roles; a role fills in `handle`, `work` and `busy`."""
 
-    def __init__(self, spec: InstanceSpec, engine: Engine, inboxes: list, outbox):
-        self.spec, self.rank, self.engine = spec, spec.rank, engine
-        self.inbox, self.inboxes, self.outbox = inboxes[spec.rank], inboxes, outbox
+    def __init__(self, spec: InstanceSpec, engine: Engine, mailbox: Mailbox):
+        self.spec, self.rank, self.engine, self.mailbox = spec, spec.rank, engine, mailbox
         self._last_stats, self._stats_time = None, 0.0
 
     def serve(self) -> None:
         while True:
             wait = 0 if self.busy() else (POLL_WAIT_S if self.waiting_for_peers() else IDLE_WAIT_S)
-            for msg in self._drain(wait):
+            for msg in self.mailbox.receive(wait):
                 if isinstance(msg, Shutdown):
                     return
                 self.handle(msg)
             self.work()
             self._report_stats()
 
-    def _drain(self, wait: float) -> list:
-        msgs = []
-        try:
-            msgs.append(self.inbox.get(timeout=wait) if wait else self.inbox.get_nowait())
-            while True:
-                msgs.append(self.inbox.get_nowait())
-        except queue.Empty:
-            return msgs
-
     def emit(self, outputs: list) -> None:
         if outputs:
-            self.outbox.put(Outputs(self.rank, outputs))
+            self.mailbox.send(PARENT, Outputs(self.rank, outputs))
 
     def stats(self) -> dict:
         return self.engine.stats()
@@ -69,7 +58,7 @@ class Instance:
             return
         stats = self.stats()
         if stats != self._last_stats:
-            self.outbox.put(Stats(self.rank, stats))
+            self.mailbox.send(PARENT, Stats(self.rank, stats))
             self._last_stats, self._stats_time = stats, now
 
     def busy(self) -> bool:
@@ -102,27 +91,27 @@ def aborted_output(request_id: str, num_prompt_tokens: int, error: str) -> StepO
     return StepOutput(request_id, [], "", True, "abort", num_prompt_tokens, 0, error=error)
 
 
-def run_instance(rank: int, spec: InstanceSpec, config: EngineConfig, inboxes: list, outbox) -> None:
+def run_instance(rank: int, spec: InstanceSpec, config: EngineConfig, pipe_ends: tuple[dict, dict]) -> None:
     """Entry point of an instance process (called by the launcher inside the process group)."""
     assert rank == spec.rank, f"launched as rank {rank} for the instance of rank {spec.rank}"
     logging.basicConfig(level=logging.WARNING)
+    mailbox = Mailbox(*pipe_ends)
     try:
-        instance = build_instance(spec, config, inboxes, outbox)
-        outbox.put(Ready(rank, instance.engine.block_manager.num_blocks))
+        instance = build_instance(spec, config, mailbox)
+        mailbox.send(PARENT, Ready(rank, instance.engine.block_manager.num_blocks))
         instance.serve()
     except Exception:  # noqa: BLE001 - the parent turns this into aborted requests
-        outbox.put(Crashed(rank, traceback.format_exc()))
+        mailbox.send(PARENT, Crashed(rank, traceback.format_exc()))
     finally:
-        outbox.close()
-        outbox.join_thread()  # every message is out before the process leaves
+        mailbox.close()
 
 
-def build_instance(spec: InstanceSpec, config: EngineConfig, inboxes: list, outbox) -> Instance:
+def build_instance(spec: InstanceSpec, config: EngineConfig, mailbox: Mailbox) -> Instance:
     engine = Engine(config)
     if spec.role == "colocated":
-        return ColocatedInstance(spec, engine, inboxes, outbox)
+        return ColocatedInstance(spec, engine, mailbox)
     if spec.role == "prefill":
         from minicake.serve.prefill_instance import PrefillInstance
-        return PrefillInstance(spec, engine, inboxes, outbox)
+        return PrefillInstance(spec, engine, mailbox)
     from minicake.serve.decode_instance import DecodeInstance
-    return DecodeInstance(spec, engine, inboxes, outbox)
+    return DecodeInstance(spec, engine, mailbox)

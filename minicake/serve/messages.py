@@ -1,12 +1,15 @@
 """The control plane: small messages between the parent and the instance processes (DESIGN.md 2).
 
-They travel on multiprocessing queues, one inbox per instance and one outbox to the parent;
+They travel on one-way pipes, one per pair of processes (`Mailbox`, at the end of this file);
 K/V and hidden states never do (they go through torch.distributed). One request, disaggregated:
 parent --NewRequest--> decode reserves blocks --Prefill (the reserve-ack)--> prefill stage 0,
 whose layers and the next stages' send K/V to decode; the last stage samples the first token
 --Prefilled--> decode, which streams every token to the parent as `Outputs`.
 """
+import threading
+import time
 from dataclasses import dataclass
+from multiprocessing import connection
 
 from minicake.sampling import SamplingParams
 
@@ -76,3 +79,52 @@ class Stats:  # instance -> parent, whenever it changed (at most a few times a s
 class Crashed:  # instance -> parent: an exception ended the instance loop
     rank: int
     error: str
+
+
+PARENT = -1  # the mailbox address of the parent process; instances are addressed by rank
+
+
+class Mailbox:
+    """One process's ends of the control pipes: a one-way pipe per (sender, receiver) pair.
+
+    Not one shared queue: a queue's writers share a lock, and a process killed while it holds
+    that lock (or mid-message) would silence every other writer. A pipe has one writer, so a
+    dead process breaks only its own pipes, and its readers see EOF.
+    """
+
+    def __init__(self, incoming: dict, outgoing: dict):
+        self.incoming, self.outgoing = dict(incoming), dict(outgoing)  # address -> Connection
+        self._locks = {dst: threading.Lock() for dst in outgoing}  # the parent sends from two threads
+
+    def send(self, dst: int, msg) -> None:
+        """Deliver in order; a message to a dead process is dropped (its death is noticed elsewhere)."""
+        with self._locks[dst]:
+            try:
+                self.outgoing[dst].send(msg)
+            except OSError:  # BrokenPipeError: the reader is gone
+                pass
+
+    def receive(self, timeout: float) -> list:
+        """Every message waiting now, after waiting up to `timeout` seconds for the first."""
+        msgs = []
+        if not self.incoming:  # every writer is gone
+            time.sleep(timeout)
+        for conn in connection.wait(list(self.incoming.values()), timeout):
+            try:
+                while conn.poll():
+                    msgs.append(conn.recv())
+            except (EOFError, OSError):  # the writer died: never read this pipe again
+                self.incoming = {k: c for k, c in self.incoming.items() if c is not conn}
+        return msgs
+
+    def close(self) -> None:
+        for conn in [*self.incoming.values(), *self.outgoing.values()]:
+            conn.close()
+
+
+def make_pipes(ctx, addresses: list[int]) -> dict[int, tuple[dict, dict]]:
+    """A pipe for every ordered pair of addresses; returns each address's (incoming, outgoing)
+    ends, from which the process that owns them builds its `Mailbox` (locks do not pickle)."""
+    pipes = {(a, b): ctx.Pipe(duplex=False) for a in addresses for b in addresses if a != b}  # (reader, writer)
+    return {x: ({a: pipes[a, x][0] for a in addresses if a != x}, {b: pipes[x, b][1] for b in addresses if b != x})
+            for x in addresses}

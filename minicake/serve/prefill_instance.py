@@ -20,8 +20,8 @@ from minicake.serve.pipeline import SampleRow, SendPlan, StageBatch, StageRunner
 
 
 class PrefillInstance(Instance):
-    def __init__(self, spec, engine, inboxes, outbox):
-        super().__init__(spec, engine, inboxes, outbox)
+    def __init__(self, spec, engine, mailbox):
+        super().__init__(spec, engine, mailbox)
         cfg, layers = engine.config, len(engine.model.layers)
         self.stage, self.group = spec.stage, spec.group_ranks
         self.is_last = self.stage == len(self.group) - 1
@@ -59,7 +59,7 @@ class PrefillInstance(Instance):
 
     def work(self) -> None:
         for xfer_id, error in self.sender.poll():
-            self.inboxes[self.dst_of[xfer_id]].put(PrefillFailed(xfer_id, error))
+            self.mailbox.send(self.dst_of[xfer_id], PrefillFailed(xfer_id, error))
         if self.stage == 0:
             self._schedule_and_run()
         elif self.batches:
@@ -107,7 +107,7 @@ class PrefillInstance(Instance):
         if not self.is_last:
             nxt = self.group[self.stage + 1]
             self.runner.send_hidden(hidden, residual, nxt)  # posted before the batch is announced
-            self.inboxes[nxt].put(batch)
+            self.mailbox.send(nxt, batch)
             for s in batch.sends:
                 self.dst_of[s.xfer_id] = s.dst
         elif batch.samples:
@@ -123,7 +123,7 @@ class PrefillInstance(Instance):
         tokens = sample(logits.cpu(), [s.params for s in samples], generators, self.generator)
         for s, token, g in zip(samples, tokens, generators):
             state = None if g is None else g.get_state().numpy().tobytes()
-            self.inboxes[s.dst].put(Prefilled(s.xfer_id, token, state, s.num_cached_tokens))
+            self.mailbox.send(s.dst, Prefilled(s.xfer_id, token, state, s.num_cached_tokens))
 
     def _advance(self, seqs: list[Sequence]) -> None:
         """Stage 0 after its layers ran: count the tokens computed, release finished prompts

@@ -1,0 +1,127 @@
+"""Faults: a dead or silent instance aborts its requests with a reason, never a hang or a leak.
+
+Every test kills something on purpose, so each starts its own small cluster of the tiny
+Llama checkpoint. The checks: outputs finish with "abort" and an error within the transfer
+timeout, the surviving instance's blocks are all free again, `close()` returns, and no
+instance process outlives its parent, not even a parent killed with SIGKILL.
+"""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+from minicake.sampling import SamplingParams
+from minicake.serve.cluster import Cluster
+from test_disagg import prompts, settled_stats, tiny_config
+
+TIMEOUT_S = 3.0  # kv_transfer_timeout of these clusters
+
+
+def pid_alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_finished(cluster: Cluster, request_ids: set[str], limit: float) -> dict:
+    finished, deadline = {}, time.monotonic() + limit
+    while set(finished) != request_ids:
+        assert time.monotonic() < deadline, f"only {sorted(finished)} finished within {limit}s"
+        for out in cluster.get_outputs(timeout=0.2):
+            if out.finished:
+                finished[out.request_id] = out
+    return finished
+
+
+def start(tiny_checkpoint) -> Cluster:
+    return Cluster(tiny_config(tiny_checkpoint("llama"), kv_transfer_timeout=TIMEOUT_S))
+
+
+def rank_pid(cluster: Cluster, role: str) -> int:
+    return next(p.pid for s, p in zip(cluster.specs, cluster.procs) if s.role == role)
+
+
+def test_killing_the_decode_instance_mid_generation_aborts_its_requests(tiny_checkpoint):
+    with start(tiny_checkpoint) as cluster:
+        params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+        for i, p in enumerate(prompts()[:3]):
+            cluster.add_request(f"r{i}", p, params)
+        while not cluster.get_outputs(timeout=10):  # generation has begun
+            pass
+        os.kill(rank_pid(cluster, "decode"), signal.SIGKILL)
+        start_time = time.monotonic()
+        finished = wait_finished(cluster, {"r0", "r1", "r2"}, limit=TIMEOUT_S + 5)
+        assert time.monotonic() - start_time < TIMEOUT_S + 5
+        assert {o.finish_reason for o in finished.values()} == {"abort"}
+        assert all("decode instance (rank 1) died" in o.error for o in finished.values())
+        assert not cluster.is_healthy()
+        prefill = next(s for s in settled_stats(cluster) if s["role"] == "prefill")
+        assert prefill["num_free_blocks"] == prefill["num_blocks"] and prefill["alive"]
+        closing = time.monotonic()
+    assert time.monotonic() - closing < 15, "close() returns in bounded time"
+    assert not any(pid_alive(p.pid) for p in cluster.procs)
+
+
+def test_killing_the_prefill_instance_mid_transfer_frees_the_reserved_blocks(tiny_checkpoint):
+    with start(tiny_checkpoint) as cluster:
+        prefill_pid = rank_pid(cluster, "prefill")
+        os.kill(prefill_pid, signal.SIGSTOP)  # frozen: the decode side reserves and waits for K/V
+        params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+        for i, p in enumerate(prompts()):
+            cluster.add_request(f"r{i}", p, params)
+        deadline = time.monotonic() + 10
+        while next(s for s in cluster.stats() if s["role"] == "decode").get("num_receiving", 0) < len(prompts()):
+            assert time.monotonic() < deadline, "the decode instance never reserved the blocks"
+            time.sleep(0.05)
+        os.kill(prefill_pid, signal.SIGKILL)
+        finished = wait_finished(cluster, {f"r{i}" for i in range(len(prompts()))}, limit=TIMEOUT_S + 5)
+        assert {o.finish_reason for o in finished.values()} == {"abort"}
+        # the parent sees the death, or the decode side sees the K/V stream break: either names rank 0
+        assert all("rank 0" in o.error for o in finished.values()), [o.error for o in finished.values()]
+        decode = next(s for s in settled_stats(cluster) if s["role"] == "decode")
+        assert decode["num_free_blocks"] == decode["num_blocks"], "no block leaked on the survivor"
+        assert decode["num_receiving"] == 0
+
+
+def test_a_silent_prefill_instance_times_out_the_transfer(tiny_checkpoint):
+    with start(tiny_checkpoint) as cluster:
+        prefill_pid = rank_pid(cluster, "prefill")
+        os.kill(prefill_pid, signal.SIGSTOP)  # alive but silent: only the timeout can tell
+        cluster.add_request("r", prompts()[3], SamplingParams(temperature=0, max_tokens=5))
+        start_time = time.monotonic()
+        out = wait_finished(cluster, {"r"}, limit=TIMEOUT_S + 5)["r"]
+        assert TIMEOUT_S <= time.monotonic() - start_time < TIMEOUT_S + 5
+        assert out.finish_reason == "abort" and "no KV from ranks [0]" in out.error
+        decode = next(s for s in settled_stats(cluster) if s["role"] == "decode")
+        assert decode["num_free_blocks"] == decode["num_blocks"]
+        os.kill(prefill_pid, signal.SIGCONT)
+
+
+PARENT_SCRIPT = """
+import sys, time
+from minicake.config import EngineConfig
+from minicake.serve.cluster import Cluster
+cluster = Cluster(EngineConfig(model=sys.argv[1], device="cpu", num_kv_blocks=64, num_threads=1))
+print(" ".join(str(p.pid) for p in cluster.procs), flush=True)
+time.sleep(600)
+"""
+
+
+def test_no_instance_outlives_a_parent_killed_with_sigkill(tiny_checkpoint):
+    parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent(PARENT_SCRIPT), str(tiny_checkpoint("llama"))],
+                              stdout=subprocess.PIPE, text=True, env=os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        pids = [int(x) for x in parent.stdout.readline().split()]
+        assert len(pids) == 2 and all(pid_alive(p) for p in pids)
+    finally:
+        parent.kill()
+        parent.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(pid_alive(p) for p in pids), "an instance survived its parent"
