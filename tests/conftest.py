@@ -33,3 +33,25 @@ def bundled_model_dir():
     """The converted smollm2-135m directory (downloaded and converted on first use)."""
     from minicake.model.loader import resolve_model
     return resolve_model("smollm2-135m")
+
+
+# --- engine leak check (every test): no KV block or sequence outlives its request ---
+@pytest.fixture(autouse=True)
+def engines_leak_nothing():
+    """After each test, every engine it created (or that was already alive) holds no request
+    in any queue, and every KV block is free: unkeyed, or cached and evictable."""
+    import minicake.engine
+    registry = minicake.engine.LIVE_ENGINES
+    alive_before = list(registry)
+    created = set()  # strong references: a test's engine may be garbage by teardown
+    minicake.engine.LIVE_ENGINES = created
+    yield
+    minicake.engine.LIVE_ENGINES = registry
+    for engine in alive_before + list(created):
+        registry.add(engine)
+        bm, sched = engine.block_manager, engine.scheduler
+        assert not sched.waiting and not sched.running and not engine.requests, \
+            f"sequences left behind: {len(sched.waiting)} waiting, {len(sched.running)} running"
+        assert [b.block_id for b in bm.blocks if b.ref_count] == [], "KV blocks still referenced"
+        assert bm.num_free_blocks == bm.num_blocks, "free lists lost a block"
+        assert set(bm.evictable) == set(bm.cached.values()), "a cached block is not evictable"
