@@ -25,10 +25,30 @@ class RequestOutput:
 
 
 class LLM:
-    def __init__(self, model: str = "smollm2-135m", device: str | None = None, **engine_settings):
-        self.engine = Engine(EngineConfig(model=model, device=device, **engine_settings))
+    def __init__(self, model: str = "smollm2-135m", device: str | None = None, prefill_instances: int = 0,
+                 decode_instances: int = 1, pipeline_stages: int = 1, **engine_settings):
+        """prefill_instances=0: one engine in this process. prefill_instances >= 1: that many
+        prefill groups of `pipeline_stages` processes and `decode_instances` decode processes
+        (minicake.serve.cluster); call close() or use `with LLM(...) as llm:` to end them."""
+        config = EngineConfig(model=model, device=device, **engine_settings)
+        if prefill_instances:
+            from minicake.serve.cluster import Cluster, ClusterEngine
+            self.engine = ClusterEngine(Cluster(config, prefill_instances, decode_instances, pipeline_stages))
+        else:
+            self.engine = Engine(config)
         self.tokenizer = self.engine.tokenizer
         self._ids = count()
+
+    def close(self) -> None:
+        """End the instance processes, if any (an in-process engine needs nothing)."""
+        if hasattr(self.engine, "cluster"):
+            self.engine.cluster.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = True) -> list[RequestOutput]:
         """prompts: a string, a list of strings, or a list of token-id lists. sampling_params:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from minicake.config import EngineConfig
+from minicake.llm import LLM
 from minicake.sampling import SamplingParams
 from minicake.serve.cluster import Cluster
 
@@ -134,3 +135,15 @@ def test_bad_requests_are_refused_in_the_parent(clusters):
         cluster.add_request("l", [1] * 300, SamplingParams())
     with pytest.raises(ValueError, match="pipeline_stages=3 exceeds the model's 2 layers"):
         Cluster(cluster.config, pipeline_stages=3)
+
+
+def test_llm_switches_to_disaggregated_with_one_argument(tiny_checkpoint):
+    settings = dict(device="cpu", block_size=4, num_kv_blocks=160, max_num_batched_tokens=32, num_threads=1)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    batch = prompts()[:3]
+    expected = [o.token_ids for o in LLM(str(tiny_checkpoint("llama")), **settings).generate(batch, params)]
+    with LLM(str(tiny_checkpoint("llama")), prefill_instances=1, **settings) as llm:
+        outputs = llm.generate(batch, params)
+        assert [o.token_ids for o in outputs] == expected
+        assert [o.finish_reason for o in outputs] == ["length"] * 3
+    assert not llm.engine.cluster.is_healthy(), "closed with the with-block"

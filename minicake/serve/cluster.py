@@ -245,3 +245,27 @@ def _layout(num_prefill: int, num_decode: int, stages: int, colocated: bool) -> 
     first = len(prefill_ranks)
     specs += [InstanceSpec("decode", first + d, prefill_ranks=prefill_ranks) for d in range(num_decode)]
     return specs
+
+
+class ClusterEngine:
+    """A `Cluster` behind the four `Engine` methods the offline `LLM` drives, so `LLM` runs
+    the same loop over an in-process engine and over instance processes."""
+
+    def __init__(self, cluster: Cluster):
+        self.cluster, self.tokenizer = cluster, cluster.tokenizer
+        self.unfinished: set[str] = set()
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        self.cluster.add_request(request_id, prompt_token_ids, params)
+        self.unfinished.add(request_id)
+
+    def abort_request(self, request_id: str) -> None:
+        self.cluster.abort_request(request_id)  # its "abort" output comes out of step()
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.unfinished)
+
+    def step(self) -> list[StepOutput]:
+        outputs = self.cluster.get_outputs(timeout=1.0)
+        self.unfinished -= {o.request_id for o in outputs if o.finished}
+        return outputs
