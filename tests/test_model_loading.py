@@ -45,6 +45,24 @@ def test_an_unsupported_architecture_is_named_with_its_file(llama_copy):
         load_model(llama_copy, device="cpu")
 
 
+def test_rope_theta_and_rope_scaling_read_like_transformers_5_rope_parameters(llama_copy):
+    """Most checkpoints spell RoPE as rope_theta + rope_scaling; transformers >= 5 writes rope_parameters."""
+    expected = ModelConfig.from_dir(llama_copy)
+    config = json.loads((llama_copy / "config.json").read_text())
+    rope = config.pop("rope_parameters")
+    config.update(rope_theta=rope.pop("rope_theta"), rope_scaling=rope)
+    (llama_copy / "config.json").write_text(json.dumps(config))
+    assert ModelConfig.from_dir(llama_copy) == expected
+
+
+def test_an_unsupported_rope_type_is_named(llama_copy):
+    config = json.loads((llama_copy / "config.json").read_text())
+    config["rope_parameters"].update(rope_type="yarn")
+    (llama_copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="yarn"):
+        ModelConfig.from_dir(llama_copy)
+
+
 def test_a_missing_tensor_is_named(llama_copy):
     tensors = load_file(llama_copy / "model.safetensors")
     del tensors["model.layers.1.mlp.up_proj.weight"]

@@ -76,7 +76,7 @@ class ModelConfig:
             head_dim=raw.get("head_dim") or raw["hidden_size"] // num_heads,
             rms_norm_eps=float(raw["rms_norm_eps"]),
             rope_theta=rope_theta,
-            rope_scaling=rope if rope_type == "llama3" else None,
+            rope_scaling={k: v for k, v in rope.items() if k != "rope_theta"} if rope_type == "llama3" else None,
             max_position_embeddings=raw["max_position_embeddings"],
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             # Qwen2's config has no flag: its q/k/v projections always carry a bias
