@@ -55,3 +55,16 @@ def engines_leak_nothing():
         assert [b.block_id for b in bm.blocks if b.ref_count] == [], "KV blocks still referenced"
         assert bm.num_free_blocks == bm.num_blocks, "free lists lost a block"
         assert set(bm.evictable) == set(bm.cached.values()), "a cached block is not evictable"
+
+
+# --- server fixtures (tests/server_process.py starts them) ---
+@pytest.fixture(scope="session")
+def tiny_server(tiny_checkpoint):
+    """`python -m minicake.serve --colocated` on the tiny llama, shared by the server and bench
+    tests; it must exit with code 0 on SIGTERM."""
+    from server_process import ServerProcess
+    server = ServerProcess("--model", str(tiny_checkpoint("llama")), "--colocated",
+                           "--max-model-len", "128", "--num-kv-blocks", "64",
+                           "--served-model-name", "tiny")
+    yield server
+    assert server.stop() == 0, "the server did not exit cleanly on SIGTERM"

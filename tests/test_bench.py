@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-from server_process import ServerProcess
 
 from minicake import bench
 from minicake.bench import BenchResult, paper_tbt, poisson_arrivals, summarize, trace_requests
@@ -67,15 +66,10 @@ def test_goodput_counts_requests_within_both_slos():
     assert s["output_tokens"] == 30
 
 
-def test_bench_against_a_real_server_completes_every_request(tiny_checkpoint, capsys):
-    server = ServerProcess("--model", str(tiny_checkpoint("llama")), "--colocated",
-                           "--max-model-len", "128", "--num-kv-blocks", "64")
-    try:
-        summary = bench.main(["--base-url", server.url, "--num-requests", "6", "--input-len", "20",
-                              "--output-len", "5", "--rate", "50", "--vocab-size", "512",
-                              "--ttft-slo", "60", "--tbt-slo", "60"])
-    finally:
-        server.stop()
+def test_bench_against_a_real_server_completes_every_request(tiny_server, capsys):
+    summary = bench.main(["--base-url", tiny_server.url, "--num-requests", "6", "--input-len", "20",
+                          "--output-len", "5", "--rate", "50", "--vocab-size", "512",
+                          "--ttft-slo", "60", "--tbt-slo", "60"])
     last_line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last_line["completed"] == summary["completed"] == 6
     assert summary["output_tokens"] == 6 * 5 and summary["input_tokens"] == 6 * 20

@@ -38,10 +38,8 @@ def no_template_checkpoint(checkpoint, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def colocated(checkpoint):
-    server = ServerProcess("--model", str(checkpoint), "--colocated", *ENGINE_FLAGS)
-    yield server
-    server.stop()
+def colocated(tiny_server):
+    return tiny_server  # started with the same ENGINE_FLAGS
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +47,7 @@ def disaggregated(no_template_checkpoint):
     server = ServerProcess("--model", str(no_template_checkpoint), "--prefill", "1",
                            "--decode", "1", *ENGINE_FLAGS)
     yield server
-    server.stop()
+    assert server.stop() == 0, "the server did not exit cleanly on SIGTERM"
 
 
 @pytest.fixture(scope="module")
@@ -240,10 +238,22 @@ def test_metrics_parse_and_counters_move_with_a_request(colocated):
     assert queries and queries[0] > 0
 
 
-def test_sigterm_ends_the_server_and_every_instance_process(no_template_checkpoint):
+def test_a_dead_instance_fails_its_stream_then_sigterm_still_ends_every_process(
+        no_template_checkpoint):
     server = ServerProcess("--model", str(no_template_checkpoint), *ENGINE_FLAGS)  # 1P + 1D
+    instances = [p for p in server.descendants() if "spawn_main" in " ".join(p.cmdline())]
+    assert len(instances) == 2, "one prefill and one decode process"
+    body = {"prompt": PROMPTS[0], "max_tokens": 100, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as response:
+        events = response.iter_lines()
+        assert next(events).startswith("data: {")  # the first token arrived
+        for p in instances:
+            p.kill()
+        rest = [line for line in events if line]
+    assert json.loads(rest[-2][len("data: "):])["error"]["type"] == "server_error"
+    assert rest[-1] == "data: [DONE]"
+    assert httpx.get(f"{server.url}/health", timeout=10).status_code == 503
     children = server.descendants()
-    assert children, "the instances run in child processes"
     assert server.stop(signal.SIGTERM, timeout=60) == 0
     deadline = time.monotonic() + 10
     while any(c.is_running() and c.status() != "zombie" for c in children) and (
