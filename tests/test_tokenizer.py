@@ -57,6 +57,35 @@ def test_bos_is_added_only_when_the_checkpoint_asks(tiny_checkpoint):
     assert qwen2.bos_token_id is None and qwen2.encode("fox") == qwen2.encode("fox", add_special_tokens=False)
 
 
+# what real templates use: namespace, loop controls, tojson, raise_exception, whitespace control
+TEMPLATE = """{%- set ns = namespace(system=none) %}
+{%- for m in messages %}
+  {%- if m.role == 'system' %}{% set ns.system = m.content %}{% continue %}{% endif %}
+  {%- if m.role not in ['user', 'assistant'] %}{{ raise_exception('unknown role ' + m.role) }}{% endif %}
+<|im_start|>{{ m.role }}
+{{ m.content | trim }}
+{% if ns.system %}(system: {{ ns.system | tojson }})
+{% endif %}
+<|im_end|>
+{% endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+
+
+def test_a_chat_template_jinja_file_renders_like_transformers(tiny_checkpoint, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+    path = shutil.copytree(tiny_checkpoint("qwen2"), tmp_path / "qwen2")
+    (path / "chat_template.jinja").write_text(TEMPLATE)  # takes precedence over tokenizer_config.json
+    ours, theirs = Tokenizer.from_dir(path), AutoTokenizer.from_pretrained(path)
+    for messages in CHATS:
+        assert ours.apply_chat_template(messages) == theirs.apply_chat_template(
+            messages, chat_template=TEMPLATE, tokenize=False, add_generation_prompt=True)
+    with pytest.raises(Exception, match="unknown role tool"):
+        ours.apply_chat_template([{"role": "tool", "content": "{}"}])
+
+
 def test_a_checkpoint_without_chat_template_says_so(tiny_checkpoint, tmp_path):
     import json
     import shutil
