@@ -46,7 +46,7 @@ class Engine:
         if self.device.type == "cpu":
             torch.set_num_threads(config.num_threads or os.cpu_count())
         set_attention_backend(config.attention_backend)
-        path = resolve_model(config.model)
+        self.model_dir = path = resolve_model(config.model)
         self.model_config = ModelConfig.from_dir(path)
         self.tokenizer = Tokenizer.from_dir(path)
         dtype = getattr(torch, config.dtype) if config.dtype else None
