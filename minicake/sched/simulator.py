@@ -13,7 +13,7 @@ from minicake.sched.conductor import (BlockIndex, Conductor, ConductorConfig, De
                                       PrefillState)
 from minicake.sched.cost_model import CostModel
 from minicake.sched.kv_pool_model import KVPoolModel
-from minicake.sched.sim_metrics import FINISHED, REJECTED, REJECTED_AFTER_PREFILL, SimResult
+from minicake.sched.sim_metrics import REJECTED, REJECTED_AFTER_PREFILL, SimResult
 from minicake.sched.trace import TraceEntry
 
 PREFILL_DONE, DECODE_STEP, SAMPLE = 0, 1, 2
