@@ -17,14 +17,15 @@ from minicake.sched.conductor import ADMISSIONS, SCHEDULERS, ConductorConfig
 from minicake.sched.cost_model import load_profile
 from minicake.sched.sim_plot import plot_load
 from minicake.sched.simulator import SimConfig, Simulator
-from minicake.sched.trace import load_trace
+from minicake.sched.trace import TRACE_BLOCK_SIZE, load_trace
 
 
 def pool_tokens(text: str) -> int | None:
     if text == "unlimited":
         return None
-    if not text.isdigit() or int(text) == 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of tokens or 'unlimited', got {text!r}")
+    if not text.isdigit() or int(text) < TRACE_BLOCK_SIZE:
+        raise argparse.ArgumentTypeError(f"expected a number of tokens >= {TRACE_BLOCK_SIZE} (one block) "
+                                         f"or 'unlimited', got {text!r}")
     return int(text)
 
 
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
         return 2
     sim_config = SimConfig(args.prefill, args.decode, args.pool, args.pool_tokens, args.eviction)
     conductor_config = ConductorConfig(args.scheduler, args.admission, args.ttft_slo, args.tbt_slo,
-                                       block_size=512, can_fetch=args.pool == "global",
+                                       block_size=TRACE_BLOCK_SIZE, can_fetch=args.pool == "global",
                                        kvcache_balancing_threshold=args.threshold, seed=args.seed)
     sim = Simulator(sim_config, conductor_config, cost, trace)
     start = time.perf_counter()
