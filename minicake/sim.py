@@ -76,13 +76,13 @@ def main(argv=None) -> int:
     try:
         cost = load_profile(args.profile)
         trace = load_trace(args.trace, args.limit, args.speed, args.max_output)
+        sim_config = SimConfig(args.prefill, args.decode, args.pool, args.pool_tokens, args.eviction)
+        conductor_config = ConductorConfig(args.scheduler, args.admission, args.ttft_slo, args.tbt_slo,
+                                           block_size=TRACE_BLOCK_SIZE, can_fetch=args.pool == "global",
+                                           kvcache_balancing_threshold=args.threshold, seed=args.seed)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    sim_config = SimConfig(args.prefill, args.decode, args.pool, args.pool_tokens, args.eviction)
-    conductor_config = ConductorConfig(args.scheduler, args.admission, args.ttft_slo, args.tbt_slo,
-                                       block_size=TRACE_BLOCK_SIZE, can_fetch=args.pool == "global",
-                                       kvcache_balancing_threshold=args.threshold, seed=args.seed)
     sim = Simulator(sim_config, conductor_config, cost, trace)
     start = time.perf_counter()
     with Progress(console=console, transient=True) as progress:

@@ -128,6 +128,11 @@ def test_cli_names_the_malformed_line_and_exits_2(capsys, tmp_path):
     assert "bad.jsonl:3" in capsys.readouterr().err
 
 
+def test_cli_names_a_bad_slo_and_exits_2(capsys):
+    assert main(["--trace", str(SLICE), "--ttft-slo", "0"]) == 2
+    assert "SLO" in capsys.readouterr().err
+
+
 def test_cli_names_an_unknown_flag_value_and_exits_2(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--trace", str(SLICE), "--scheduler", "fastest"])
