@@ -7,7 +7,7 @@ import pytest
 
 from minicake.cache.block_keys import block_keys
 from minicake.sched.conductor import (BlockIndex, Conductor, ConductorConfig, DecodeMember, DecodeState,
-                                      PrefillState, Request)
+                                      PrefillState, Request, request_from_tokens)
 from minicake.sched.cost_model import CostModel
 
 TOY = CostModel("toy", prefill_coef=(0.0, 1e-3, -1e-3, 0.0, 0.0), decode_coef=(0.01, 0.0, 1e-6),
@@ -35,6 +35,15 @@ def test_block_index_match_stops_at_the_first_missing_block():
     assert index.match_lens(keys, 3) == [4, 2, 0]
     index.remove(0, keys[2:4])
     assert index.match_lens(keys, 3) == [2, 2, 0]
+
+
+def test_requests_from_token_ids_match_on_their_shared_full_blocks():
+    conductor, index = cluster(scheduler="cache-local")
+    first = request_from_tokens(0, list(range(10)), 4, block_size=4)   # blocks [0..3] [4..7], 2 tokens left
+    second = request_from_tokens(1, list(range(8)) + [99] * 6, 4, block_size=4)
+    index.add(1, first.block_keys)
+    d = conductor.schedule(second, now=0.0)
+    assert (d.prefill_id, d.cached_blocks, d.cached_tokens) == (1, 2, 8)
 
 
 def test_cached_instance_wins_when_its_queue_is_short():

@@ -9,6 +9,7 @@ instances only through the plain state dataclasses below, which whoever runs the
 import random
 from dataclasses import dataclass, field
 
+from minicake.cache.block_keys import block_keys
 from minicake.sched.cost_model import CostModel
 
 SCHEDULERS = ("random", "load", "cache-local", "kvcache")
@@ -22,6 +23,11 @@ class Request:
     prompt_len: int
     max_new_tokens: int
     block_keys: list[int]  # chained keys of the prompt's blocks (minicake.cache.block_keys)
+
+
+def request_from_tokens(request_id: int, token_ids: list[int], max_new_tokens: int, block_size: int) -> Request:
+    """A live request: its keys are those the engine's prefix cache gives the same full blocks."""
+    return Request(request_id, len(token_ids), max_new_tokens, block_keys(token_ids, block_size))
 
 
 @dataclass
