@@ -7,6 +7,8 @@ sequence's block table lists the blocks that hold its tokens in order.
 import torch
 import torch.nn.functional as F
 
+DECODE_GROUP = 16  # decodes per batched call in paged_attention_ref
+
 
 def store_kv_ref(k, v, k_cache, v_cache, slot_mapping):
     """Write the new tokens' K/V into their cache slots (slot = block * block_size + offset).
@@ -37,11 +39,14 @@ def paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start
     out = torch.empty_like(q)
     starts, lens = query_start_loc.tolist(), seq_lens.tolist()
     q_lens = [starts[s + 1] - starts[s] for s in range(len(lens))]
-    # decodes (one new token each) in one batched call; prefill chunks one sequence at a time
     decodes = [s for s, n in enumerate(q_lens) if n == 1]
-    if decodes:
-        rows = query_start_loc[decodes].long()  # the one token of each decode
-        out[rows] = _decode_attention(q[rows], k_cache, v_cache, block_tables[decodes], seq_lens[decodes], scale)
+    # decodes (one new token each) batched, in groups of similar length so that little is padded
+    decodes.sort(key=lambda s: lens[s])
+    for i in range(0, len(decodes), DECODE_GROUP):
+        group = decodes[i:i + DECODE_GROUP]
+        rows = query_start_loc[group].long()  # the one token of each decode
+        out[rows] = _decode_attention(q[rows], k_cache, v_cache, block_tables[group], seq_lens[group], scale)
+    # prefill chunks one sequence at a time
     for s, seq_len in enumerate(lens):
         if q_lens[s] > 1:
             out[starts[s]:starts[s + 1]] = _prefill_attention(
@@ -49,38 +54,32 @@ def paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start
     return out
 
 
-def _gather(k_cache, v_cache, block_tables, num_blocks):
-    """K/V of each row's first num_blocks blocks: [rows, num_blocks * block_size, num_kv_heads, head_dim].
-    Padding entries (-1) read block 0; the caller masks those positions."""
-    blocks = block_tables[:, :num_blocks].long().clamp(min=0).flatten()
-    shape = (block_tables.shape[0], num_blocks * k_cache.shape[1], *k_cache.shape[2:])
-    return k_cache.index_select(0, blocks).view(shape), v_cache.index_select(0, blocks).view(shape)
-
-
 def _decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale):
     """One new token per sequence. q: [num_seqs, num_q_heads, head_dim], returns the same shape.
 
-    Each sequence's keys are flattened to rows of (position, kv head), and every query head
-    is scored against every row in one batched matmul; rows of the wrong kv head (GQA) and
-    positions past the sequence's end get -inf, so a softmax over all rows is the per-head
-    softmax, and one more batched matmul with the values finishes. Reading K and V once as
-    contiguous matrices beats the extra (cheap) scores of mismatched heads on a CPU.
+    Each sequence's keys are gathered as rows of (position, kv head), padded to the longest
+    sequence with copies of its own position 0 (an owned, finite slot), and every query head
+    is scored against every row in one batched matmul. Rows of another kv head (GQA) and
+    padding get -inf, so a softmax over all rows is the per-head softmax, and one more batched
+    matmul with the values finishes. Reading K and V as contiguous matrices once beats the
+    extra (cheap) scores of the mismatched heads on a CPU.
     """
     num_seqs, num_q_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    max_len = int(seq_lens.max())
-    k, v = _gather(k_cache, v_cache, block_tables, -(-max_len // block_size))
-    padded_len = k.shape[1]
-    past_end = torch.arange(padded_len, device=q.device)[None, :] >= seq_lens[:, None]  # [num_seqs, padded_len]
-    v.masked_fill_(past_end[:, :, None, None], 0.0)  # unowned slots may hold anything, even NaN
-    k = k.flatten(1, 2).float()  # [num_seqs, padded_len * num_kv_heads, head_dim]
-    v = v.flatten(1, 2).float()
-    scores = torch.bmm(q.float() * scale, k.transpose(1, 2))  # [num_seqs, num_q_heads, padded_len * num_kv_heads]
-    head = torch.arange(num_q_heads, device=q.device) // (num_q_heads // num_kv_heads)
-    wrong_head = head[:, None] != torch.arange(num_kv_heads, device=q.device)[None, :]  # [num_q_heads, num_kv_heads]
-    hidden = past_end[:, None, :, None] | wrong_head[None, :, None, :]  # [num_seqs, num_q_heads, padded_len, num_kv_heads]
-    scores.view(num_seqs, num_q_heads, padded_len, num_kv_heads).masked_fill_(hidden, float("-inf"))
-    return torch.bmm(scores.softmax(dim=-1), v).to(q.dtype)  # [num_seqs, num_q_heads, head_dim]
+    pos = torch.arange(int(seq_lens.max()), device=q.device)
+    past_end = pos[None, :] >= seq_lens[:, None]  # [num_seqs, max_len]
+    pos = pos.masked_fill(past_end, 0)  # [num_seqs, max_len]
+    slots = block_tables.gather(1, pos // block_size).long() * block_size + pos % block_size
+    # k, v: [num_seqs, max_len * num_kv_heads, head_dim]
+    k = k_cache.view(-1, num_kv_heads, head_dim).index_select(0, slots.flatten()).view(num_seqs, -1, head_dim)
+    v = v_cache.view(-1, num_kv_heads, head_dim).index_select(0, slots.flatten()).view(num_seqs, -1, head_dim)
+    scores = torch.bmm(q.float() * scale, k.float().transpose(1, 2))  # [num_seqs, num_q_heads, max_len * num_kv_heads]
+    kv_head_of = torch.arange(num_q_heads, device=q.device) // (num_q_heads // num_kv_heads)
+    wrong_head = kv_head_of[:, None] != torch.arange(num_kv_heads, device=q.device)[None, :]  # [num_q_heads, num_kv_heads]
+    by_head = scores.view(num_seqs, num_q_heads, -1, num_kv_heads)  # [num_seqs, num_q_heads, max_len, num_kv_heads]
+    by_head.masked_fill_(wrong_head[None, :, None, :], float("-inf"))
+    by_head.masked_fill_(past_end[:, None, :, None], float("-inf"))
+    return torch.bmm(scores.softmax(dim=-1), v.float()).to(q.dtype)  # [num_seqs, num_q_heads, head_dim]
 
 
 def _prefill_attention(q, k_cache, v_cache, block_table, seq_len, scale):
@@ -92,9 +91,10 @@ def _prefill_attention(q, k_cache, v_cache, block_table, seq_len, scale):
     q_len, num_q_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_q_heads // num_kv_heads
-    k, v = _gather(k_cache, v_cache, block_table[None], -(-seq_len // block_size))
-    k = k[0, :seq_len].transpose(0, 1).float()  # [num_kv_heads, seq_len, head_dim]
-    v = v[0, :seq_len].transpose(0, 1).float()
+    blocks = block_table[:-(-seq_len // block_size)].long()
+    # gather the sequence's blocks: [num_kv_heads, seq_len, head_dim]
+    k = k_cache[blocks].flatten(0, 1)[:seq_len].transpose(0, 1).float()
+    v = v_cache[blocks].flatten(0, 1)[:seq_len].transpose(0, 1).float()
     # q: [num_kv_heads, group * q_len, head_dim], head h = kv_head * group + g
     q_g = q.view(q_len, num_kv_heads, group, head_dim).permute(1, 2, 0, 3).reshape(num_kv_heads, group * q_len, head_dim)
     q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
