@@ -79,7 +79,7 @@ async def serve(cluster, args) -> None:
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     metrics = ServerMetrics(args.ttft_slo, args.tbt_slo)
     config = uvicorn.Config(create_app(cluster, name, metrics), host=args.host, port=args.port,
-                            log_level="warning")
+                            log_level="warning", timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
     serving = asyncio.create_task(server.serve())
     while not server.started and not serving.done():

@@ -261,7 +261,7 @@ async def sse(reply: Reply, first, outputs):
                 tokens[i] += len(out.new_token_ids)
                 if out.finished:
                     prompt_tokens[i], cached[i] = out.num_prompt_tokens, out.num_cached_tokens
-                if out.new_text or out.finished:
+                if out.new_token_ids or out.finished:  # one chunk per token, text or not
                     reason = out.finish_reason if out.finished else None
                     yield event({**obj, "choices": [reply.choice(i, out.new_text, reason, True)],
                                  **extra})
