@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from minicake.sampling import SamplingParams
 from minicake.serve.metrics import ServerMetrics
+from minicake.serve.protocol import APIError
 
 log = logging.getLogger("minicake.serve")
 
@@ -97,7 +98,11 @@ class Frontend:
                 self.metrics.observe_arrival(len(prompt))
                 running.add(i)
             while running:
-                i, out, now = await asyncio.wait_for(queue.get(), STALL_TIMEOUT_S)
+                try:
+                    i, out, now = await asyncio.wait_for(queue.get(), STALL_TIMEOUT_S)
+                except TimeoutError:
+                    raise APIError(500, f"no output for {STALL_TIMEOUT_S:.0f} s: the request "
+                                   "was aborted", type="server_error") from None
                 self.metrics.observe_tokens(times[i], len(out.new_token_ids), now)
                 if out.finished:
                     running.discard(i)
