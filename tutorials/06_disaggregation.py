@@ -1,0 +1,165 @@
+
+# %% [markdown]
+# # Chapter 6: disaggregation, a prefill process and a decode process
+#
+# Prefill and decode want different things. Prefill of a long prompt is compute-bound and
+# long; decode is memory-bound and wants a steady, short step for every running request
+# (chapter 2). In one engine they interfere: a prefill chunk makes every decode in the same
+# step wait (chapter 4's table). Mooncake runs them on separate instances: a *prefill
+# instance* computes the prompt and its KV cache, a *decode instance* receives that KV cache
+# and generates. Each side can then be sized and batched for its own SLO (TTFT for prefill,
+# TBT for decode), at the price of moving the KV cache between them.
+#
+# The price is hidden by sending it *layer by layer* (DESIGN.md 4.5): as soon as layer j has
+# written a chunk's K/V, the prefill instance starts a non-blocking send of those blocks and
+# computes layer j+1. When the last layer finishes, only its own send is still in flight.
+# A send is a small fixed-size header (transfer id, layer, first block, number of blocks)
+# and then the blocks as one tensor, over torch.distributed: gloo between CPU processes,
+# NCCL between GPUs, the same code.
+#
+# The order of events for one request (DESIGN.md 2):
+# 1. the decode instance reserves the KV blocks first, so a transfer never arrives with
+#    nowhere to land, and tells the prefill instance where to send;
+# 2. the prefill instance prefills (chunked, prefix cache) and streams each layer's blocks;
+# 3. it samples the first token and tells the decode instance;
+# 4. once every layer has arrived, the decode instance adds the sequence to its running
+#    batch as if it had prefilled it itself, and decodes.
+#
+# Files: `minicake/serve/cluster.py` (`Cluster`: starts the processes, routes requests),
+# `minicake/serve/prefill_instance.py`, `minicake/serve/decode_instance.py`,
+# `minicake/cache/transfer.py` (`KVSender`, `KVReceiver`), `minicake/serve/launcher.py`.
+
+# %%
+import atexit
+import statistics
+import time
+
+import torch
+
+from minicake.config import EngineConfig
+from minicake.engine import Engine
+from minicake.sampling import SamplingParams
+from minicake.serve.cluster import Cluster
+
+torch.set_num_threads(1)
+# every process uses one thread, so the prefill compute is the same in every deployment
+config = EngineConfig(device="cpu", num_kv_blocks=96, block_size=16, max_num_batched_tokens=1024,
+                      num_threads=1, kv_transfer_timeout=60.0)
+
+# %% [markdown]
+# ## Two deployments, side by side
+#
+# `Cluster(config, prefill_instances=1, decode_instances=1)` starts one prefill and one
+# decode process (spawned, rendezvous through torch.distributed's env:// with gloo) and
+# returns when both have loaded the model. The second cluster is the same with
+# `kv_transfer_layerwise=False`: every layer is sent only after the whole prompt is computed,
+# the baseline that layer-wise sending is measured against.
+#
+# The instance processes are *spawned*: each starts a fresh Python that re-runs this file's
+# top level (under the name `__mp_main__`) before it runs its instance. So the cells that
+# do work are under `if __name__ == "__main__":`, the usual multiprocessing idiom; imports
+# and function definitions stay at the top level, where a child may run them harmlessly.
+
+# %%
+def generate(cluster: Cluster, request_id: str, prompt: list[int], params: SamplingParams,
+             limit_s: float = 120.0) -> tuple[list[int], float]:
+    """(output tokens, seconds from add_request to the first token, as the caller sees it)."""
+    start = time.monotonic()
+    cluster.add_request(request_id, prompt, params)
+    tokens, ttft = [], None
+    while True:
+        assert time.monotonic() - start < limit_s, f"{request_id}: no answer within {limit_s} s"
+        for out in cluster.get_outputs(timeout=1.0):
+            assert out.finish_reason != "abort", f"{request_id} aborted: {out.error}"
+            if ttft is None and out.new_token_ids:
+                ttft = time.monotonic() - start
+            tokens += out.new_token_ids
+            if out.finished:
+                return tokens, ttft
+
+
+if __name__ == "__main__":
+    t0 = time.perf_counter()
+    clusters = {
+        "layer-wise": Cluster(config, prefill_instances=1, decode_instances=1),
+        "send-after": Cluster(EngineConfig(**{**vars(config), "kv_transfer_layerwise": False}),
+                              prefill_instances=1, decode_instances=1),
+    }
+    for cluster in clusters.values():
+        atexit.register(cluster.close)  # stop the processes even if a check below fails
+    print(f"started 2 clusters (4 processes) in {time.perf_counter() - t0:.1f} s")
+    for name, cluster in clusters.items():
+        print(name, [(s["role"], s["rank"], s["alive"]) for s in cluster.stats()])
+
+# %% [markdown]
+# ## Check: the decode process generates what one engine generates
+#
+# The tokenizer runs in the caller; the clusters take token ids. A greedy request through
+# each cluster must produce the tokens that an in-process `Engine` (chapter 4) produces:
+# the KV cache that crossed the process boundary is the one the prefill computed.
+
+# %%
+if __name__ == "__main__":
+    tok = clusters["layer-wise"].tokenizer
+    prompt = tok.encode("The three primary colours are red, yellow and")
+    greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    engine = Engine(config)
+    engine.add_request("ref", prompt, greedy)
+    reference = []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            reference += out.new_token_ids
+    del engine
+    for name, cluster in clusters.items():
+        tokens, _ = generate(cluster, f"check-{name}", prompt, greedy)
+        assert tokens == reference, (name, tokens, reference)
+    print(f"engine, layer-wise and send-after clusters agree: {tok.decode(reference)!r}")
+
+# %% [markdown]
+# ## Measurement: what the transfer adds to TTFT
+#
+# TTFT at the caller is prefill compute + the KV transfer that has not overlapped with it
+# + control messages. Each prompt length runs on both clusters in turn (twice; the median
+# is shown), so a change in machine load hits both alike. `KV MiB` is what crosses per
+# request: 2 (K, V) x 30 layers x 3 KV heads x 64 x 4 bytes per token.
+#
+# On one CPU host gloo moves tensors through local sockets, fast next to a CPU prefill, so
+# the gap between the columns is small and noisy here; between GPUs, where prefill is ~100x
+# faster and the link is the bottleneck, it is what decides whether disaggregation pays.
+
+# %%
+if __name__ == "__main__":
+    mc = clusters["layer-wise"].model_config
+    kv_bytes_per_token = 2 * mc.num_hidden_layers * mc.num_key_value_heads * mc.head_dim * 4
+    one_token = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for n in (128, 512):
+        prompt = torch.randint(100, mc.vocab_size - 100, (n,), generator=g).tolist()
+        times = {name: [] for name in clusters}
+        for repeat in range(2):
+            for name, cluster in clusters.items():
+                prompt_r = [repeat + 1] + prompt  # a fresh first block: no prefix-cache hit
+                times[name].append(generate(cluster, f"ttft-{n}-{repeat}-{name}", prompt_r, one_token)[1])
+        rows.append((n, {name: statistics.median(t) for name, t in times.items()}))
+    print(f"{'prompt':>6} {'KV MiB':>7} {'TTFT layer-wise s':>17} {'TTFT send-after s':>17}")
+    for n, ttft in rows:
+        print(f"{n:>6} {n * kv_bytes_per_token / 2**20:7.1f} {ttft['layer-wise']:17.3f} {ttft['send-after']:17.3f}")
+    print("(one thread per process, CPU shared with whatever else runs: compare the columns)")
+
+# %%
+if __name__ == "__main__":
+    for cluster in clusters.values():
+        cluster.close()
+
+# %% [markdown]
+# ## What to read next
+#
+# - `minicake/serve/pipeline.py`: `StageRunner.run_layers` is the layer loop that starts a
+#   send after each layer.
+# - `minicake/cache/transfer.py`: why every wait runs in a helper thread (a gloo work that
+#   times out is ended), and why the header comes first (a gloo receive buffer that is too
+#   small aborts the process).
+# - `benchmarks/disagg.py` (where present): the same comparison with more lengths, the
+#   colocated baseline and the pipelined prefill of chapter 7.
+# - Chapter 7 (`07_pipeline_prefill.py`): one long prompt, several prefill processes.
