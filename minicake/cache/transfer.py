@@ -117,6 +117,10 @@ class KVReceiver:
         """Stop expecting a transfer (aborted): its blocks may be freed, late payloads are dropped."""
         self.expected.pop(xfer_id, None)
 
+    def heard_from(self, src: int) -> None:
+        """The source is alive and computing (a control-plane heartbeat): restart its silence clock."""
+        self.last_progress[src] = time.monotonic()
+
     def poll(self) -> tuple[list[int], list[tuple[int, str]]]:
         """Store what arrived, without waiting. Returns the transfers now complete, and
         (transfer id, reason) for those whose source failed or sent nothing of theirs for

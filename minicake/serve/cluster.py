@@ -122,6 +122,8 @@ class Cluster:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Validate (ValueError, nothing changed) and send the request to its decode instance."""
+        if self._closing:
+            raise RuntimeError("the cluster is closed")
         self._validate(request_id, prompt_token_ids, params)
         with self._lock:
             group = self._pick(self._routes[0], self.prefill_groups)

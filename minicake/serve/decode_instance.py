@@ -7,6 +7,7 @@ stage sent the first token, the sequence joins the engine's running batch as if 
 prefilled here, and the ordinary `Engine.step()` decodes it. A failed or silent transfer
 aborts only its own request, with the reason.
 """
+import time
 from collections import deque
 
 import torch
@@ -17,7 +18,7 @@ from minicake.model.tokenizer import IncrementalDetokenizer
 from minicake.request_state import RequestState
 from minicake.sched.sequence import Sequence, SequenceStatus
 from minicake.serve.instance import Instance, aborted_output
-from minicake.serve.messages import Abort, NewRequest, Prefill, Prefilled, PrefillFailed
+from minicake.serve.messages import Abort, Heartbeat, NewRequest, Prefill, Prefilled, PrefillFailed
 
 
 class DecodeInstance(Instance):
@@ -30,6 +31,9 @@ class DecodeInstance(Instance):
         self.receiving: dict[int, tuple[NewRequest, Sequence]] = {}  # transfer id -> request
         self.prefilled: dict[int, Prefilled] = {}  # first tokens of transfers still receiving
         self.kv_complete: set[int] = set()
+        # what the transfer adds to TTFT: from the end of prefill compute until the decode
+        # side holds every layer (one clock: instances of a cluster share a host here)
+        self.kv_wait_s, self.num_transfers = 0.0, 0
 
     def handle(self, msg) -> None:
         if isinstance(msg, NewRequest):
@@ -37,6 +41,8 @@ class DecodeInstance(Instance):
         elif isinstance(msg, Prefilled):
             if msg.xfer_id in self.receiving:
                 self.prefilled[msg.xfer_id] = msg
+        elif isinstance(msg, Heartbeat):
+            self.receiver.heard_from(msg.rank)
         elif isinstance(msg, PrefillFailed):
             self._fail(msg.xfer_id, msg.error)
         elif isinstance(msg, Abort):
@@ -85,6 +91,8 @@ class DecodeInstance(Instance):
         """Every layer arrived and the first token is known: join the running batch."""
         (msg, seq), first = self.receiving.pop(xfer_id), self.prefilled.pop(xfer_id)
         self.kv_complete.discard(xfer_id)
+        self.kv_wait_s += max(0.0, time.time() - first.sent_at)
+        self.num_transfers += 1
         engine = self.engine
         seq.num_computed_tokens = len(seq)
         engine.block_manager.cache_full_blocks(seq)
@@ -129,4 +137,5 @@ class DecodeInstance(Instance):
         stats = self.engine.stats()
         stats["num_waiting"] += len(self.to_reserve) + len(self.receiving)
         stats["num_receiving"] = len(self.receiving)
+        stats["kv_wait_s"], stats["num_transfers"] = self.kv_wait_s, self.num_transfers
         return stats

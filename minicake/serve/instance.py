@@ -6,6 +6,7 @@ says `Shutdown`. The loop never blocks for long: it waits on its mailbox only wh
 nothing to compute, so aborts and shutdowns are seen within a step.
 """
 import logging
+import os
 import time
 import traceback
 from dataclasses import dataclass
@@ -96,14 +97,18 @@ def run_instance(rank: int, spec: InstanceSpec, config: EngineConfig, pipe_ends:
     assert rank == spec.rank, f"launched as rank {rank} for the instance of rank {spec.rank}"
     logging.basicConfig(level=logging.WARNING)
     mailbox = Mailbox(*pipe_ends)
+    code = 0
     try:
         instance = build_instance(spec, config, mailbox)
         mailbox.send(PARENT, Ready(rank, instance.engine.block_manager.num_blocks))
         instance.serve()
     except Exception:  # noqa: BLE001 - the parent turns this into aborted requests
         mailbox.send(PARENT, Crashed(rank, traceback.format_exc()))
-    finally:
-        mailbox.close()
+        code = 1
+    mailbox.close()
+    # Leave without tearing gloo down: the KV receive threads are still waiting on peers, and
+    # destroying the process group under them aborts the process. Pipes have nothing to flush.
+    os._exit(code)
 
 
 def build_instance(spec: InstanceSpec, config: EngineConfig, mailbox: Mailbox) -> Instance:

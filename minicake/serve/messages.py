@@ -39,12 +39,18 @@ class Prefilled:  # last prefill stage -> decode: every K/V send of the prompt h
     first_token: int
     generator_state: bytes | None  # a seeded request's generator after the first sample
     num_cached_tokens: int  # prompt tokens the prefill instance found in its prefix cache
+    sent_at: float  # time.time() when the last stage finished computing the prompt
 
 
 @dataclass
 class PrefillFailed:  # prefill -> decode: the request cannot be prefilled (a send failed, aborted)
     xfer_id: int
     error: str
+
+
+@dataclass
+class Heartbeat:  # prefill stage 0 -> decode, about once a second while it computes the decode's requests
+    rank: int  # silence, not slow compute, is what times a transfer out
 
 
 @dataclass

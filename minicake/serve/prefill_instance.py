@@ -7,6 +7,7 @@ instance that reserved them (DESIGN.md 4.5), and hands the hidden states to the 
 (4.6). The last stage samples the first token and tells the decode instance `Prefilled`.
 A prefill instance never decodes: a request leaves it once its prompt is computed.
 """
+import time
 from collections import deque
 
 import torch
@@ -15,8 +16,10 @@ from minicake.cache.transfer import KVSender
 from minicake.sampling import sample
 from minicake.sched.sequence import Sequence
 from minicake.serve.instance import Instance
-from minicake.serve.messages import Abort, Prefill, Prefilled, PrefillFailed
+from minicake.serve.messages import Abort, Heartbeat, Prefill, Prefilled, PrefillFailed
 from minicake.serve.pipeline import SampleRow, SendPlan, StageBatch, StageRunner, stage_layers
+
+HEARTBEAT_S = 1.0
 
 
 class PrefillInstance(Instance):
@@ -33,6 +36,7 @@ class PrefillInstance(Instance):
         self.sent_blocks: dict[str, int] = {}  # stage 0: request id -> blocks sent (or held by decode)
         self.batches: deque[StageBatch] = deque()  # stages > 0: batches from the previous stage
         self.dst_of: dict[int, int] = {}  # transfer id -> decode rank, to report failed sends
+        self.last_heartbeat = 0.0
 
     def handle(self, msg) -> None:
         if isinstance(msg, Prefill):
@@ -61,6 +65,7 @@ class PrefillInstance(Instance):
         for xfer_id, error in self.sender.poll():
             self.mailbox.send(self.dst_of[xfer_id], PrefillFailed(xfer_id, error))
         if self.stage == 0:
+            self._heartbeat()
             self._schedule_and_run()
         elif self.batches:
             batch = self.batches.popleft()
@@ -69,6 +74,13 @@ class PrefillInstance(Instance):
                                                        self.engine.kv_caches[0][0].dtype, self.engine.device,
                                                        src=self.group[self.stage - 1])
             self._forward(hidden, residual, positions, meta, batch)
+
+    def _heartbeat(self) -> None:
+        """Tell the decode instances waiting on this group that it is alive (K/V may be far off)."""
+        if self.requests and time.monotonic() - self.last_heartbeat > HEARTBEAT_S:
+            for dst in {prefill.decode_rank for _, prefill in self.requests.values()}:
+                self.mailbox.send(dst, Heartbeat(self.rank))
+            self.last_heartbeat = time.monotonic()
 
     def _schedule_and_run(self) -> None:
         seqs = self.engine.scheduler.schedule()
@@ -121,9 +133,10 @@ class PrefillInstance(Instance):
         generators = [None if s.params.seed is None else torch.Generator().manual_seed(s.params.seed)
                       for s in samples]
         tokens = sample(logits.cpu(), [s.params for s in samples], generators, self.generator)
+        now = time.time()
         for s, token, g in zip(samples, tokens, generators):
             state = None if g is None else g.get_state().numpy().tobytes()
-            self.mailbox.send(s.dst, Prefilled(s.xfer_id, token, state, s.num_cached_tokens))
+            self.mailbox.send(s.dst, Prefilled(s.xfer_id, token, state, s.num_cached_tokens, now))
 
     def _advance(self, seqs: list[Sequence]) -> None:
         """Stage 0 after its layers ran: count the tokens computed, release finished prompts
