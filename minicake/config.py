@@ -19,6 +19,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 1024  # per-step token budget; long prompts prefill in chunks
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     enable_prefix_caching: bool = True
+    kv_pool_blocks: int = 0  # host-memory KV pool (cache/kv_pool.py) for evicted prefix blocks; 0: none
     attention_backend: str = "auto"
     num_threads: int | None = None  # torch CPU threads; None: all cores
     seed: int = 0
@@ -31,6 +32,8 @@ class EngineConfig:
         _positive("block_size", self.block_size)
         _positive("max_num_seqs", self.max_num_seqs)
         _positive("max_num_batched_tokens", self.max_num_batched_tokens)
+        if not isinstance(self.kv_pool_blocks, int) or self.kv_pool_blocks < 0:
+            raise ValueError(f"EngineConfig.kv_pool_blocks must be an integer >= 0, got {self.kv_pool_blocks!r}")
         for name in ("kv_cache_memory", "num_kv_blocks", "max_model_len", "num_threads"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))

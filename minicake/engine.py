@@ -13,6 +13,7 @@ import torch
 
 from minicake.cache.block_manager import BlockManager
 from minicake.cache.kv_cache import allocate_kv_caches, bytes_per_block, free_memory, num_blocks_for
+from minicake.cache.kv_pool import KVPool
 from minicake.config import EngineConfig
 from minicake.model.attention import set_attention_backend
 from minicake.model.config import ModelConfig
@@ -58,6 +59,8 @@ class Engine:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.kv_caches, config.block_size, self.device, config.seed)
+        if config.kv_pool_blocks and config.enable_prefix_caching:
+            self.block_manager.pool = self.runner.pool = KVPool(config.kv_pool_blocks, self.kv_caches)
         self.requests: dict[str, RequestState] = {}
         self.aborted: list[StepOutput] = []  # reported by the next step()
         LIVE_ENGINES.add(self)
@@ -151,4 +154,5 @@ class Engine:
             "prefix_queries_tokens": bm.prefix_queries_tokens,
             "prefix_hits_tokens": bm.prefix_hits_tokens,
             "num_preemptions": self.scheduler.num_preemptions,
+            "kv_pool_blocks": len(bm.pool) if bm.pool is not None else 0,
         }

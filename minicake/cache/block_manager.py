@@ -6,6 +6,8 @@ computed block gets its chained key; a new sequence whose leading blocks have kn
 (and the same token ids: a hash collision is never served) shares those blocks instead of
 computing them. A block whose last user left keeps its key and stays revivable until the
 allocator needs it: unkeyed free blocks are handed out first, then keyed ones, LRU first.
+With a host KV pool (cache/kv_pool.py) an evicted keyed block is copied there, and a prefix
+match that ends on the device continues in the pool.
 """
 from collections import OrderedDict, deque
 
@@ -37,6 +39,7 @@ class BlockManager:
         self.prefix_queries_tokens = 0
         self.prefix_hits_tokens = 0
         self.seq_keys: dict[str, list[int]] = {}  # request id -> keys of its full blocks so far
+        self.pool = None  # a KVPool (cache/kv_pool.py): evicted keyed blocks go there, hits come back
 
     @property
     def num_free_blocks(self) -> int:
@@ -68,9 +71,28 @@ class BlockManager:
                 self._acquire(block_id)
                 hits.append(block_id)
                 parent = key
+            if self.pool is not None:
+                hits += self._load_from_pool(seq, keys[len(hits):], len(hits), parent)
         seq.block_table = hits
         seq.num_computed_tokens = len(hits) * self.block_size
         return seq.num_computed_tokens
+
+    def _load_from_pool(self, seq: Sequence, keys: list[int], first: int, parent: int | None) -> list[int]:
+        """Continue a prefix match in the host pool: each hit gets a fresh keyed device block whose
+        K/V the pool loads at the next forward pass (before any layer reads it)."""
+        loaded = []
+        for i, key in enumerate(keys, start=first):
+            tokens = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
+            if key in self.cached or not self.num_free_blocks or not self.pool.lookup(key, parent, tokens):
+                break
+            block_id = self._take_free_block()
+            block = self.blocks[block_id]
+            block.key, block.parent_key, block.token_ids = key, parent, tokens
+            self.cached[key] = block_id
+            self.pool.schedule_load(key, block_id)
+            loaded.append(block_id)
+            parent = key
+        return loaded
 
     def record_prefix_query(self, num_tokens: int, num_hit_tokens: int) -> None:
         """Counted once per request, when it is first admitted (not again after preemption)."""
@@ -142,6 +164,8 @@ class BlockManager:
             block_id, _ = self.evictable.popitem(last=False)  # evict the least recently freed
             block = self.blocks[block_id]
             del self.cached[block.key]
+            if self.pool is not None and not self.pool.cancel_load(block_id):  # a loaded block only
+                self.pool.store(block.key, block.parent_key, block.token_ids, block_id)
             block.key, block.parent_key, block.token_ids = None, None, ()
         assert self.blocks[block_id].ref_count == 0, f"block {block_id} is still in use"
         self.blocks[block_id].ref_count = 1

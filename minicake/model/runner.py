@@ -22,6 +22,7 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.generator = torch.Generator().manual_seed(seed)  # for requests without their own seed
+        self.pool = None  # a KVPool whose pending loads run inside the forward pass, layer by layer
 
     def prepare(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """Flat inputs for each sequence's scheduled tokens (num_computed .. + num_scheduled)."""
@@ -55,7 +56,10 @@ class ModelRunner:
     def execute(self, seqs: list[Sequence]) -> list[int]:
         """Run one step; returns one token per sequence whose step_done() is True, in order."""
         input_ids, positions, meta = self.prepare(seqs)
-        hidden = self.model(input_ids, positions, meta, self.kv_caches)  # [num_tokens, hidden]
+        if self.pool is not None:
+            hidden = self.pool.forward(self.model, input_ids, positions, meta)  # [num_tokens, hidden]
+        else:
+            hidden = self.model(input_ids, positions, meta, self.kv_caches)  # [num_tokens, hidden]
         sampled = [i for i, seq in enumerate(seqs) if seq.step_done()]
         if not sampled:
             return []
