@@ -14,6 +14,7 @@ from minicake.config import EngineConfig
 from minicake.llm import LLM
 from minicake.sampling import SamplingParams
 from minicake.serve.cluster import Cluster
+from minicake.serve.pipeline import stage_layers
 
 PROMPT_LENS = [5, 17, 40, 90, 33]
 
@@ -147,3 +148,9 @@ def test_llm_switches_to_disaggregated_with_one_argument(tiny_checkpoint):
         assert [o.token_ids for o in outputs] == expected
         assert [o.finish_reason for o in outputs] == ["length"] * 3
     assert not llm.engine.cluster.is_healthy(), "closed with the with-block"
+
+
+def test_pipeline_stages_split_the_layers_into_contiguous_ranges():
+    ranges = [stage_layers(30, 4, s) for s in range(4)]
+    assert [len(r) for r in ranges] == [8, 8, 7, 7]
+    assert [i for r in ranges for i in r] == list(range(30))
