@@ -7,7 +7,7 @@ sequence's block table lists the blocks that hold its tokens in order.
 import torch
 import torch.nn.functional as F
 
-DECODE_GROUP = 16  # decodes per batched call in paged_attention_ref
+DECODE_GROUP = 8  # decodes per batched call: sorted by length, so a group pads little and stays in cache
 
 
 def store_kv_ref(k, v, k_cache, v_cache, slot_mapping):
@@ -18,9 +18,10 @@ def store_kv_ref(k, v, k_cache, v_cache, slot_mapping):
     """
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
-    # view the cache as one row per slot: [num_blocks * block_size, num_kv_heads, head_dim]
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k[keep].to(k_cache.dtype))
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v[keep].to(v_cache.dtype))
+    # view the cache as one row per slot (2-D: a fast row copy): [num_blocks * block_size, num_kv_heads * head_dim]
+    row = k_cache.shape[2] * k_cache.shape[3]
+    k_cache.view(-1, row).index_copy_(0, slots, k[keep].reshape(-1, row).to(k_cache.dtype))
+    v_cache.view(-1, row).index_copy_(0, slots, v[keep].reshape(-1, row).to(v_cache.dtype))
 
 
 def paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale=None):
@@ -70,15 +71,16 @@ def _decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale):
     past_end = pos[None, :] >= seq_lens[:, None]  # [num_seqs, max_len]
     pos = pos.masked_fill(past_end, 0)  # [num_seqs, max_len]
     slots = block_tables.gather(1, pos // block_size).long() * block_size + pos % block_size
-    # k, v: [num_seqs, max_len * num_kv_heads, head_dim]
-    k = k_cache.view(-1, num_kv_heads, head_dim).index_select(0, slots.flatten()).view(num_seqs, -1, head_dim)
-    v = v_cache.view(-1, num_kv_heads, head_dim).index_select(0, slots.flatten()).view(num_seqs, -1, head_dim)
+    slots = slots.flatten()
+    # one row per slot (2-D index_select is a fast row copy): k, v: [num_seqs, max_len * num_kv_heads, head_dim]
+    k = k_cache.view(-1, num_kv_heads * head_dim).index_select(0, slots).view(num_seqs, -1, head_dim)
     scores = torch.bmm(q.float() * scale, k.float().transpose(1, 2))  # [num_seqs, num_q_heads, max_len * num_kv_heads]
     kv_head_of = torch.arange(num_q_heads, device=q.device) // (num_q_heads // num_kv_heads)
     wrong_head = kv_head_of[:, None] != torch.arange(num_kv_heads, device=q.device)[None, :]  # [num_q_heads, num_kv_heads]
     by_head = scores.view(num_seqs, num_q_heads, -1, num_kv_heads)  # [num_seqs, num_q_heads, max_len, num_kv_heads]
     by_head.masked_fill_(wrong_head[None, :, None, :], float("-inf"))
     by_head.masked_fill_(past_end[:, None, :, None], float("-inf"))
+    v = v_cache.view(-1, num_kv_heads * head_dim).index_select(0, slots).view(num_seqs, -1, head_dim)
     return torch.bmm(scores.softmax(dim=-1), v.float()).to(q.dtype)  # [num_seqs, num_q_heads, head_dim]
 
 
@@ -92,9 +94,10 @@ def _prefill_attention(q, k_cache, v_cache, block_table, seq_len, scale):
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_q_heads // num_kv_heads
     blocks = block_table[:-(-seq_len // block_size)].long()
-    # gather the sequence's blocks: [num_kv_heads, seq_len, head_dim]
-    k = k_cache[blocks].flatten(0, 1)[:seq_len].transpose(0, 1).float()
-    v = v_cache[blocks].flatten(0, 1)[:seq_len].transpose(0, 1).float()
+    # gather the sequence's blocks (one row per block): [num_kv_heads, seq_len, head_dim]
+    k = k_cache.view(k_cache.shape[0], -1).index_select(0, blocks).view(-1, num_kv_heads, head_dim)
+    v = v_cache.view(v_cache.shape[0], -1).index_select(0, blocks).view(-1, num_kv_heads, head_dim)
+    k, v = k[:seq_len].transpose(0, 1).float(), v[:seq_len].transpose(0, 1).float()
     # q: [num_kv_heads, group * q_len, head_dim], head h = kv_head * group + g
     q_g = q.view(q_len, num_kv_heads, group, head_dim).permute(1, 2, 0, 3).reshape(num_kv_heads, group * q_len, head_dim)
     q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
