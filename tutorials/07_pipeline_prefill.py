@@ -1,0 +1,143 @@
+# %% [markdown]
+# # Chapter 7: chunked pipeline-parallel prefill for long prompts
+#
+# A 100k-token prompt takes long to prefill on one instance, and TTFT is all prefill. To
+# use several machines for one prompt, Mooncake splits the model's layers into stages, one
+# process each, and cuts the prompt into chunks (DESIGN.md 4.6): stage 0 computes chunk c
+# on its layers while stage 1 computes chunk c-1 on the next layers, and so on, passing
+# hidden states forward. With S stages and C chunks, the prompt takes about (C + S - 1)
+# chunk-times of one stage instead of C x S: close to S times faster when C >> S.
+#
+# Why chunks and not sequence parallelism? Stages talk only to their neighbour, once per
+# chunk (the hidden states), instead of at every layer, and a short prompt (one chunk)
+# simply runs through the stages at no extra cost. Each stage keeps the K/V of its own
+# layers and streams them to the decode instance itself (chapter 6), so the decode side
+# receives from every stage. The output must be identical to unpipelined prefill: the
+# same chunks of the same layers are computed, only by different processes.
+#
+# Files: `minicake/serve/pipeline.py` (`stage_layers`, `StageBatch`, `StageRunner`),
+# `minicake/serve/prefill_instance.py` (stage 0 schedules; later stages follow),
+# `minicake/serve/cluster.py` (`Cluster(..., pipeline_stages=S)`).
+
+# %%
+import atexit
+import statistics
+import time
+
+import torch
+
+from minicake.config import EngineConfig
+from minicake.engine import Engine
+from minicake.sampling import SamplingParams
+from minicake.serve.cluster import Cluster
+from minicake.serve.pipeline import stage_layers
+
+torch.set_num_threads(1)
+CHUNK = 128  # max_num_batched_tokens: a prompt of n tokens is prefilled in ceil(n / 128) chunks
+config = EngineConfig(device="cpu", num_kv_blocks=96, block_size=16, max_num_batched_tokens=CHUNK,
+                      num_threads=1, kv_transfer_timeout=60.0)
+if __name__ == "__main__":  # spawned instance processes re-run this file's top level (chapter 6)
+    print(f"30 layers over 2 stages: {[(r.start, r.stop - 1) for r in (stage_layers(30, 2, s) for s in range(2))]}")
+    print(f"30 layers over 4 stages: {[len(stage_layers(30, 4, s)) for s in range(4)]} layers each")
+
+
+def generate(cluster: Cluster, request_id: str, prompt: list[int], params: SamplingParams,
+             limit_s: float = 180.0) -> tuple[list[int], float]:
+    """(output tokens, seconds from add_request to the first token, as the caller sees it)."""
+    start = time.monotonic()
+    cluster.add_request(request_id, prompt, params)
+    tokens, ttft = [], None
+    while True:
+        assert time.monotonic() - start < limit_s, f"{request_id}: no answer within {limit_s} s"
+        for out in cluster.get_outputs(timeout=1.0):
+            assert out.finish_reason != "abort", f"{request_id} aborted: {out.error}"
+            if ttft is None and out.new_token_ids:
+                ttft = time.monotonic() - start
+            tokens += out.new_token_ids
+            if out.finished:
+                return tokens, ttft
+
+
+# %% [markdown]
+# ## A 2-stage prefill group next to a plain prefill instance
+#
+# `Cluster(config, pipeline_stages=2)` starts a prefill group of two processes (stage 0:
+# layers 0-14, stage 1: layers 15-29) and one decode process; the other cluster is chapter
+# 6's 1 prefill + 1 decode. Every process gets one thread, so on a machine with at least two
+# free cores the two stages really run at the same time. (Spawned processes re-run this
+# file's top level: the working cells are under `if __name__ == "__main__":`, see chapter 6.)
+
+# %%
+if __name__ == "__main__":
+    t0 = time.perf_counter()
+    clusters = {"1 stage": Cluster(config, prefill_instances=1, decode_instances=1),
+                "2 stages": Cluster(config, pipeline_stages=2)}
+    for cluster in clusters.values():
+        atexit.register(cluster.close)  # stop the processes even if a check below fails
+    print(f"started 2 clusters (5 processes) in {time.perf_counter() - t0:.1f} s")
+    for name, cluster in clusters.items():
+        print(name, [(s["role"], s["rank"]) for s in cluster.stats()])
+
+# %% [markdown]
+# ## Check: pipelined prefill computes what plain prefill computes
+#
+# A prompt of 300 tokens is 3 chunks. Greedy tokens through the 2-stage group, through the
+# 1-stage cluster, and through an in-process `Engine` with the same chunk size must agree.
+
+# %%
+if __name__ == "__main__":
+    mc = clusters["1 stage"].model_config
+    prompt = clusters["1 stage"].tokenizer.encode("Once upon a time, " * 60)[:300]
+    greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    engine = Engine(config)
+    engine.add_request("ref", prompt, greedy)
+    reference = []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            reference += out.new_token_ids
+    del engine
+    for name, cluster in clusters.items():
+        tokens, _ = generate(cluster, f"check-{name}", prompt, greedy)
+        assert tokens == reference, (name, tokens, reference)
+    print(f"{len(prompt)}-token prompt in {-(-len(prompt) // CHUNK)} chunks: engine, 1 stage and 2 stages agree")
+
+# %% [markdown]
+# ## Measurement: TTFT of a short and a long prompt
+#
+# A 1-chunk prompt gains nothing from the pipeline (its chunk passes stage 0, then stage
+# 1: the same work in the same order, plus a hand-over). A 6-chunk prompt keeps both stages
+# busy at once after the first chunk. Both clusters take turns on each prompt, twice; the
+# median is shown. The ideal speed-up with S stages and C chunks is C x S / (C + S - 1).
+
+# %%
+if __name__ == "__main__":
+    one_token = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+    g = torch.Generator().manual_seed(0)
+    print(f"{'prompt':>6} {'chunks':>6} {'TTFT 1 stage s':>14} {'TTFT 2 stages s':>15} {'speed-up':>8} {'ideal':>5}")
+    for n in (CHUNK, 6 * CHUNK):
+        prompt = torch.randint(100, mc.vocab_size - 100, (n,), generator=g).tolist()
+        times = {name: [] for name in clusters}
+        for repeat in range(2):
+            for name, cluster in clusters.items():
+                prompt_r = [repeat + 1] + prompt[1:]  # a fresh first block: no prefix-cache hit
+                times[name].append(generate(cluster, f"ttft-{n}-{repeat}-{name}", prompt_r, one_token)[1])
+        one, two = statistics.median(times["1 stage"]), statistics.median(times["2 stages"])
+        chunks = -(-n // CHUNK)
+        print(f"{n:>6} {chunks:>6} {one:14.2f} {two:15.2f} {one / two:8.2f} {chunks * 2 / (chunks + 1):5.2f}")
+    print("(one thread per process; with fewer than 3 free cores, or other work on the CPU, the stages "
+          "share cores and single runs scatter around the ideal, both ways)")
+
+# %%
+if __name__ == "__main__":
+    for cluster in clusters.values():
+        cluster.close()
+
+# %% [markdown]
+# ## What to read next
+#
+# - `minicake/serve/pipeline.py`: `StageRunner.send_hidden` waits only for the previous
+#   batch's send, so at most two chunks sit between neighbours.
+# - `minicake/serve/prefill_instance.py`: `_describe` decides which blocks each step sends,
+#   `_forward` passes the hidden states on or samples at the last stage.
+# - `tests/test_disagg.py`: pipelined and disaggregated output equal the colocated engine's.
+# - Chapter 8 (`08_conductor.py`): many prefill and decode instances, and who gets which request.
