@@ -26,14 +26,18 @@ class RequestOutput:
 
 class LLM:
     def __init__(self, model: str = "smollm2-135m", device: str | None = None, prefill_instances: int = 0,
-                 decode_instances: int = 1, pipeline_stages: int = 1, **engine_settings):
+                 decode_instances: int = 1, pipeline_stages: int = 1, conductor=None, cost=None,
+                 **engine_settings):
         """prefill_instances=0: one engine in this process. prefill_instances >= 1: that many
         prefill groups of `pipeline_stages` processes and `decode_instances` decode processes
-        (minicake.serve.cluster); call close() or use `with LLM(...) as llm:` to end them."""
+        (minicake.serve.cluster), routed by the Conductor (`conductor`: a ConductorConfig, `cost`:
+        a CostModel); call close() or use `with LLM(...) as llm:` to end them. A request that
+        admission control refuses raises minicake.serve.protocol.RequestRejected."""
         config = EngineConfig(model=model, device=device, **engine_settings)
         if prefill_instances:
             from minicake.serve.cluster import Cluster, ClusterEngine
-            self.engine = ClusterEngine(Cluster(config, prefill_instances, decode_instances, pipeline_stages))
+            self.engine = ClusterEngine(Cluster(config, prefill_instances, decode_instances, pipeline_stages,
+                                                conductor=conductor, cost=cost))
         else:
             self.engine = Engine(config)
         self.tokenizer = self.engine.tokenizer

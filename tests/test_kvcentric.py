@@ -40,11 +40,11 @@ def test_a_loaded_holder_makes_the_other_instance_fetch_the_prefix():
     assert d.prefill_id == 0 and d.fetch_from == 1 and d.cached_blocks == 8 and d.local_blocks == 0
 
 
-def test_first_token_and_finish_move_the_request_through_the_decode_state():
+def test_tokens_and_finish_move_the_request_through_the_decode_state():
     c = live()
     d = c.schedule("a", list(range(10)), 5)
     assert c.decode[0].reserved_tokens == 15 and c.queued[d.prefill_id] == {"a": d.prefill_s}
-    c.on_first_token("a")
+    c.on_tokens("a", 1)  # the first token: the prefill is over
     assert c.queued[d.prefill_id] == {} and (c.decode[0].batch_size, c.decode[0].context_tokens) == (1, 11)
     c.on_tokens("a", 2)
     assert c.decode[0].context_tokens == 13
@@ -74,3 +74,131 @@ def test_early_admission_rejects_when_the_predicted_ttft_breaks_the_slo():
     d = c.schedule("long", list(range(80)), 4)  # 0.8 s of prefill predicted
     assert not d.admitted and d.reason == "prefill overloaded" and c.retry_after_s(d) >= 1.0
     assert c.decode[0].reserved_tokens == 0 and not c.requests, "a rejection commits nothing"
+
+
+# --- a live cluster: 2 prefill instances (small device caches, host pools) + 1 decode --------
+# Started once for the rest of this module (process start is slow on a small CPU); the last test
+# kills an instance. "The Conductor believes instance i is busy" is set by hand where a test needs
+# a routing decision to go one way: the same decision code then runs as it would under load.
+
+import math  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import time  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from minicake.config import EngineConfig  # noqa: E402
+from minicake.engine import Engine  # noqa: E402
+from minicake.llm import LLM  # noqa: E402
+from minicake.sampling import SamplingParams  # noqa: E402
+from minicake.serve.protocol import RequestRejected  # noqa: E402
+
+GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+SETTINGS = dict(device="cpu", block_size=BLOCK, num_kv_blocks=24, kv_pool_blocks=64, max_num_batched_tokens=32,
+                num_threads=1, kv_transfer_timeout=20.0)
+
+
+def tokens(n, seed):
+    return torch.randint(3, 500, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_checkpoint):
+    with LLM(str(tiny_checkpoint("llama")), prefill_instances=2, decode_instances=1, **SETTINGS) as llm:
+        yield llm
+
+
+@pytest.fixture(scope="module")
+def colocated(tiny_checkpoint):
+    """The reference: one in-process engine without prefix caching (every token recomputed)."""
+    engine = Engine(EngineConfig(model=str(tiny_checkpoint("llama")), device="cpu", block_size=BLOCK,
+                                 num_kv_blocks=128, num_threads=1, enable_prefix_caching=False))
+
+    def generate(prompts):
+        for i, p in enumerate(prompts):
+            engine.add_request(f"ref-{i}", p, GREEDY)
+        out = {}
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                out.setdefault(o.request_id, []).extend(o.new_token_ids)
+        return [out[f"ref-{i}"] for i in range(len(prompts))]
+    return generate
+
+
+def believe_busy(llm, instance, seconds):
+    cluster = llm.engine.cluster
+    with cluster._lock:
+        cluster.conductor.prefill[instance].busy_until_s = cluster.conductor.now() + seconds
+
+
+def holders(llm, prompt):
+    """Instances the Conductor's index lists for each full block of the prompt."""
+    index = llm.engine.cluster.conductor.index
+    return [index.holders.get(k, set()) for k in block_keys(prompt, BLOCK)]
+
+
+def wait_for(condition, limit=10.0):
+    deadline = time.monotonic() + limit
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def test_two_prefill_instances_give_the_colocated_greedy_tokens(llm, colocated):
+    prompts = [tokens(n, seed) for seed, n in enumerate((5, 17, 40, 33, 21))]
+    outputs = llm.generate(prompts, GREEDY)
+    assert [o.token_ids for o in outputs] == colocated(prompts)
+
+
+def test_a_prefix_migrates_from_another_instances_pool_with_the_same_tokens(llm, colocated):
+    a = tokens(41, seed=100)
+    believe_busy(llm, 1, 1e6)  # a, then two other prompts that push a off the device, go to 0
+    llm.generate([a], GREEDY)
+    llm.generate([tokens(60, seed=101)], GREEDY)
+    llm.generate([tokens(60, seed=102)], GREEDY)
+    believe_busy(llm, 1, 0)
+    wait_for(lambda: all(h == {0} for h in holders(llm, a)))  # still held: in 0's host pool
+    stats = {s["rank"]: s for s in llm.engine.cluster.stats()}
+    assert stats[0]["kv_pool_blocks"] > 0
+    believe_busy(llm, 0, 1e6)  # the holder is busy: instance 1 pulls the prefix from it
+    follow_up = a[:36] + tokens(8, seed=103)
+    [out] = llm.generate([follow_up], GREEDY)
+    believe_busy(llm, 0, 0)
+    assert out.token_ids == colocated([follow_up])[0]
+    assert out.num_cached_tokens == 36, "the 9 blocks came from instance 0 and were not recomputed"
+    wait_for(lambda: {s["rank"]: s for s in llm.engine.cluster.stats()}[1]["num_fetched_blocks"] == 9)
+    wait_for(lambda: all(h == {0, 1} for h in holders(llm, follow_up)[:9]))  # the puller keeps them
+
+
+def test_admission_control_refuses_with_a_clear_error(llm):
+    config = llm.engine.cluster.conductor.config
+    config.admission, config.ttft_slo_s = "early", 1e-6  # no prefill can meet this SLO
+    try:
+        with pytest.raises(RequestRejected, match=r"rejected by admission control \(early\): prefill overloaded"):
+            llm.generate([tokens(20, seed=7)], GREEDY)
+    finally:
+        config.admission, config.ttft_slo_s = "none", 30.0
+    assert not llm.engine.cluster._requests, "a rejected request leaves nothing behind"
+
+
+def test_a_dead_prefill_instance_leaves_the_index_and_its_requests_abort(llm):
+    cluster = llm.engine.cluster
+    prompt = tokens(30, seed=200)
+    believe_busy(llm, 0, 1e6)
+    llm.generate([prompt], GREEDY)  # computed on instance 1, which reports its blocks
+    wait_for(lambda: all(1 in h for h in holders(llm, prompt)))
+    pid = next(p.pid for s, p in zip(cluster.specs, cluster.procs) if s.rank == 1)
+    os.kill(pid, signal.SIGSTOP)
+    cluster.add_request("doomed", tokens(25, seed=201), GREEDY)  # routed to 1 (0 looks busy)
+    os.kill(pid, signal.SIGKILL)
+    outs = []
+    wait_for(lambda: outs.extend(cluster.get_outputs(timeout=0.1)) or any(o.finished for o in outs), limit=20)
+    [done] = [o for o in outs if o.finished]
+    assert done.request_id == "doomed" and done.finish_reason == "abort" and "rank 1" in done.error
+    assert not any(1 in h for h in cluster.conductor.index.holders.values()), "its blocks left the index"
+    assert math.isinf(cluster.conductor.prefill[1].busy_until_s)
+    believe_busy(llm, 0, 0)
+    [out] = llm.generate([prompt], GREEDY)  # served by the survivor
+    assert out.finish_reason == "length"

@@ -37,6 +37,8 @@ class KVPool:
         self.pending: dict[int, int] = {}  # device block id -> key whose K/V it still has to receive
         self.copy_stream = torch.cuda.Stream(like.device) if self.cuda else None
         self.num_stored = self.num_loaded = self.num_dropped = 0
+        self._loads: list[tuple[int, int]] = []  # (device block id, host slot) of the forward pass running
+        self._events: dict[int, object] = {}  # layer -> CUDA event that ends its copy
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -107,26 +109,41 @@ class KVPool:
 
     @torch.inference_mode()
     def forward(self, model, input_ids, positions, meta) -> torch.Tensor:
-        """The model's forward pass over the engine's caches with the pending loads interleaved:
-        layer j's K/V are in their device blocks before layer j attends. Returns like `model()`:
-        [num_tokens, hidden_size] after the final norm."""
-        if not self.pending:
+        """The model's forward pass over the engine's caches with the pending loads interleaved.
+        Returns like `model()`: [num_tokens, hidden_size] after the final norm."""
+        if not self.begin_loads():
             return model(input_ids, positions, meta, self.kv_caches)
-        loads = [(block_id, self.entries[key].slot) for block_id, key in self.pending.items()]
-        if self.cuda:  # the blocks may have been read by kernels still queued on the compute stream
-            self.copy_stream.wait_stream(torch.cuda.current_stream())
-        events = [self._issue_layer(0, loads)]
         hidden, residual = model.embed(input_ids), None
         for j, (layer, (k_cache, v_cache)) in enumerate(zip(model.layers, self.kv_caches)):
-            if j + 1 < len(self.kv_caches):
-                events.append(self._issue_layer(j + 1, loads))  # overlaps layer j's compute on CUDA
-            if events[j] is not None:
-                torch.cuda.current_stream().wait_event(events[j])
+            self.before_layer(j)
             hidden, residual = layer(positions, hidden, residual, meta, k_cache, v_cache)
+        self.end_loads()
+        return model.final_norm(hidden, residual)
+
+    def begin_loads(self) -> bool:
+        """Issue layer 0 of every pending load; False when none is pending. A forward pass that
+        loads calls before_layer(j) before each layer j and end_loads() after the last."""
+        if not self.pending:
+            return False
+        self._loads = [(block_id, self.entries[key].slot) for block_id, key in self.pending.items()]
+        if self.cuda:  # the blocks may have been read by kernels still queued on the compute stream
+            self.copy_stream.wait_stream(torch.cuda.current_stream())
+        self._events = {0: self._issue_layer(0, self._loads)}
+        return True
+
+    def before_layer(self, layer: int) -> None:
+        """Layer `layer`'s K/V are in place when this returns; layer + 1's copy is under way."""
+        if layer + 1 < len(self.kv_caches):
+            self._events[layer + 1] = self._issue_layer(layer + 1, self._loads)  # overlaps layer's compute
+        event = self._events.pop(layer)
+        if event is not None:
+            torch.cuda.current_stream().wait_event(event)
+
+    def end_loads(self) -> None:
         self.unpin(self.pending.values())
         self.num_loaded += len(self.pending)
         self.pending.clear()
-        return model.final_norm(hidden, residual)
+        self._loads, self._events = [], {}
 
     def _issue_layer(self, layer: int, loads: list[tuple[int, int]]):
         """Copy one layer of every pending block host -> device; on CUDA an event marks the end."""

@@ -39,8 +39,6 @@ class LiveRequest:
 class LiveConductor:
     def __init__(self, config: ConductorConfig, cost: CostModel, num_prefill: int,
                  decode_capacity_tokens: list[int]):
-        assert config.block_size == cost.block_size, \
-            f"the Conductor keys blocks of {config.block_size} tokens but the profile times blocks of {cost.block_size}"
         self.config, self.cost = config, cost
         self.prefill = [PrefillState(i) for i in range(num_prefill)]
         self.decode = [DecodeState(i, cap) for i, cap in enumerate(decode_capacity_tokens)]
@@ -64,15 +62,26 @@ class LiveConductor:
         req = request_from_tokens(next(self._ids), token_ids, max_tokens, self.config.block_size)
         now = self.now()
         d = self.conductor.schedule(req, now)
+        if not d.admitted and d.reason == "no KV room" and self.config.admission == "none":
+            d = self._queue_for_room(req, now)
         if d.admitted and d.decode_id is None and self.conductor.on_prefill_done(req, d, now) is None:
             self.prefill[d.prefill_id].busy_until_s -= d.prefill_s  # undo the commit: nothing runs
             return Decision(False, "decode overloaded", ttft_s=d.ttft_s)
-        if d.admitted and d.prefill_id in self.dead:
-            self._release(LiveRequest(req, d))
-            return Decision(False, f"prefill instance {d.prefill_id} is dead", ttft_s=d.ttft_s)
         if d.admitted:
             self.requests[request_id] = LiveRequest(req, d)
             self.queued[d.prefill_id][request_id] = d.prefill_s
+        return d
+
+    def _queue_for_room(self, req: Request, now: float) -> Decision:
+        """Without admission control nothing is refused: when no decode instance has room for the
+        whole request now, the one with the most room takes it and reserves its blocks once
+        running requests free them (the decode instance queues it)."""
+        d = self.conductor._choose_prefill(req, now)
+        state = max(self.decode, key=lambda s: s.kv_capacity_tokens - s.reserved_tokens)
+        d.decode_id = state.instance_id
+        d.tbt_s = self.cost.decode_step_time(state.batch_size + 1, state.context_tokens + req.prompt_len)
+        self.conductor._commit_prefill(d, now)
+        self.conductor._reserve(state, req, join_s=now + d.ttft_s)
         return d
 
     def retry_after_s(self, d: Decision) -> float:
@@ -93,24 +102,21 @@ class LiveConductor:
         self.index.remove(instance_id, removed)
         self.index.add(instance_id, added)
 
-    def on_first_token(self, request_id: str) -> None:
-        """The prefill ended: the prefill queue shrinks, the request joins its decode batch."""
-        r = self.requests.get(request_id)
-        if r is None or r.num_tokens:
-            return
-        now, d = self.now(), r.decision
-        self._dequeue(request_id, d.prefill_id, now)
-        self.conductor.on_decode_join(r.req.request_id, d.decode_id, now)
-        state = self.decode[d.decode_id]
-        state.batch_size += 1
-        state.context_tokens += r.req.prompt_len + 1
-        r.num_tokens = 1
-
     def on_tokens(self, request_id: str, n: int) -> None:
+        """n new output tokens reached the client. The first one ends the prefill: the prefill
+        queue shrinks and the request joins its decode batch; each token grows the context."""
         r = self.requests.get(request_id)
-        if r is not None and r.num_tokens:
-            r.num_tokens += n
-            self.decode[r.decision.decode_id].context_tokens += n
+        if r is None or n == 0:
+            return
+        d, state = r.decision, self.decode[r.decision.decode_id]
+        if not r.num_tokens:
+            now = self.now()
+            self._dequeue(request_id, d.prefill_id, now)
+            self.conductor.on_decode_join(r.req.request_id, d.decode_id, now)
+            state.batch_size += 1
+            state.context_tokens += r.req.prompt_len
+        r.num_tokens += n
+        state.context_tokens += n
 
     def on_finish(self, request_id: str, aborted: bool = False) -> None:
         """Release the request's KV reservation; a finished (not aborted) one teaches the decode duration."""
@@ -135,6 +141,9 @@ class LiveConductor:
         self.index.remove(instance_id, list(self.held[instance_id]))
         self.held[instance_id].clear()
         self.prefill[instance_id].busy_until_s = float("inf")
+
+    def on_decode_death(self, instance_id: int) -> None:
+        self.decode[instance_id].kv_capacity_tokens = 0  # never chosen again: it has no room
 
     def _dequeue(self, request_id: str, prefill_id: int, now: float) -> None:
         """The queue left on the instance is the predicted prefill time of what still waits there."""

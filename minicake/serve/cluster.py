@@ -2,8 +2,9 @@
 
 `Cluster` starts one process per instance (DESIGN.md 1): prefill groups of `pipeline_stages`
 ranks each, then the decode instances, or one colocated engine. It validates a request,
-hands it to a decode instance (round-robin until the Conductor picks), and gathers the
-`StepOutput`s the instances stream back. A background thread reads the instances' outbox and
+asks the Conductor (minicake/sched/live.py) for its prefill and decode instance, or refuses it
+(`RequestRejected`), and gathers the `StepOutput`s the instances stream back, which with the
+prefill instances' block-key reports keep the Conductor's view current. A background thread reads the instances' outbox and
 watches the processes: when one dies, every request it touched finishes with "abort" and an
 error, and the survivors free those requests' blocks.
 """
@@ -13,6 +14,8 @@ import queue
 import threading
 import time
 from dataclasses import replace
+
+from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
@@ -25,16 +28,25 @@ from minicake.model.tokenizer import Tokenizer
 from minicake.sampling import SamplingParams
 from minicake.serve.instance import InstanceSpec, run_instance
 from minicake.serve.launcher import launch, stop
-from minicake.serve.messages import PARENT, Abort, Crashed, Mailbox, NewRequest, Outputs, Ready, Shutdown, Stats, make_pipes
+from minicake.sched.conductor import ConductorConfig
+from minicake.sched.cost_model import CostModel, load_profile
+from minicake.sched.live import LiveConductor
+from minicake.serve.messages import (PARENT, Abort, Crashed, HeldBlocks, Mailbox, NewRequest, Outputs, Ready, Shutdown,
+                                     Stats, make_pipes)
+from minicake.serve.protocol import RequestRejected
 
 START_TIMEOUT_S = 300.0  # every instance loads its model and reports Ready within this
+DEFAULT_PROFILE = str(Path(__file__).parent.parent / "sched" / "profiles" / "smollm2-135m-cpu.json")
 EMPTY_STATS = {"num_running": 0, "num_waiting": 0, "kv_usage": 0.0, "num_free_blocks": 0, "num_blocks": 0,
                "prefix_queries_tokens": 0, "prefix_hits_tokens": 0, "num_preemptions": 0}
 
 
 class Cluster:
     def __init__(self, config: EngineConfig, prefill_instances: int = 1, decode_instances: int = 1,
-                 pipeline_stages: int = 1, colocated: bool = False):
+                 pipeline_stages: int = 1, colocated: bool = False, conductor: ConductorConfig | None = None,
+                 cost: CostModel | None = None):
+        """conductor: scheduler and admission policy (default: kvcache routing, no admission
+        control); cost: the Conductor's cost profile (default: the one fitted on this machine)."""
         for name, value in (("prefill_instances", prefill_instances), ("decode_instances", decode_instances),
                             ("pipeline_stages", pipeline_stages)):
             if not isinstance(value, int) or value < 1:
@@ -50,7 +62,13 @@ class Cluster:
         self.specs = _layout(1 if colocated else prefill_instances, decode_instances, pipeline_stages, colocated)
         self.prefill_groups = [s.group_ranks for s in self.specs if s.role == "prefill" and s.stage == 0]
         self.decode_ranks = [s.rank for s in self.specs if s.role in ("decode", "colocated")]
-        self._routes = (itertools.cycle(self.prefill_groups), itertools.cycle([(r,) for r in self.decode_ranks]))
+        self.conductor_config = conductor or ConductorConfig(block_size=config.block_size)
+        if self.conductor_config.block_size != config.block_size:
+            raise ValueError(f"the Conductor's block_size ({self.conductor_config.block_size}) must equal the "
+                             f"engine's ({config.block_size}): both name blocks by the same keys")
+        self.cost = cost or load_profile(DEFAULT_PROFILE)
+        self.conductor: LiveConductor | None = None  # built once the decode instances said how big they are
+        self._prefill_index = {r: i for i, g in enumerate(self.prefill_groups) for r in g}  # rank -> instance
         self._xfer_ids = itertools.count(1)
         self._requests: dict[str, tuple[int, ...]] = {}  # request id -> ranks it touches
         self._lock = threading.Lock()
@@ -68,7 +86,8 @@ class Cluster:
         n, cuda = len(self.specs), config.device != "cpu" and torch.cuda.is_available()
         threads = config.num_threads or max(1, (os.cpu_count() or 1) // n)
         configs = [replace(config, num_threads=threads,
-                           device=f"cuda:{s.rank % torch.cuda.device_count()}" if cuda else "cpu")
+                           device=f"cuda:{s.rank % torch.cuda.device_count()}" if cuda else "cpu",
+                           kv_pool_blocks=config.kv_pool_blocks if s.role != "decode" else 0)  # pools serve prefill
                    for s in self.specs]
         ends = make_pipes(mp.get_context("spawn"), [PARENT] + [s.rank for s in self.specs])
         self.procs = launch(run_instance, [(s, c, ends[s.rank]) for s, c in zip(self.specs, configs)],
@@ -82,6 +101,9 @@ class Cluster:
         except BaseException:
             self.close()
             raise
+        if self.prefill_groups:
+            capacity = [self._num_blocks[r] * config.block_size for r in self.decode_ranks]
+            self.conductor = LiveConductor(self.conductor_config, self.cost, len(self.prefill_groups), capacity)
         self._pump_thread = threading.Thread(target=self._pump, name="cluster-outbox", daemon=True)
         self._pump_thread.start()
 
@@ -121,29 +143,41 @@ class Cluster:
     # --- requests --------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Validate (ValueError, nothing changed) and send the request to its decode instance."""
+        """Validate (ValueError, nothing changed), ask the Conductor where the request runs
+        (RequestRejected when admission control refuses it) and send it to its decode instance."""
         if self._closing:
             raise RuntimeError("the cluster is closed")
         self._validate(request_id, prompt_token_ids, params)
         with self._lock:
-            group = self._pick(self._routes[0], self.prefill_groups)
-            decode_rank = self._pick(self._routes[1], [(r,) for r in self.decode_ranks])[0]
+            group, decode_rank, fetch_from, fetch_blocks = self._route(request_id, prompt_token_ids, params)
             ranks = (*group, decode_rank)
             dead = [r for r in ranks if r in self._dead]
             if dead:
+                self._finish_in_conductor(request_id, aborted=True)
                 self._outputs.put(_aborted(request_id, len(prompt_token_ids), self._dead[dead[0]]))
                 return
             self._requests[request_id] = ranks
-        msg = NewRequest(request_id, list(prompt_token_ids), params, next(self._xfer_ids), group)
+        msg = NewRequest(request_id, list(prompt_token_ids), params, next(self._xfer_ids), group,
+                         fetch_from, fetch_blocks)
         self._mailbox.send(decode_rank, msg)
 
-    def _pick(self, route, choices: list[tuple[int, ...]]) -> tuple[int, ...]:
-        """The next choice in round-robin order whose ranks are all alive (any, if none is)."""
-        for _ in choices:
-            ranks = next(route)
-            if not any(r in self._dead for r in ranks):
-                return ranks
-        return choices[0] if choices else ()
+    def _route(self, request_id: str, prompt: list[int], params: SamplingParams):
+        """(prefill group, decode rank, rank to fetch the prefix from or None, blocks to fetch)."""
+        if self.conductor is None:  # colocated: one instance does everything
+            return (), self.decode_ranks[0], None, 0
+        max_tokens = min(params.max_tokens, self.max_model_len - len(prompt))
+        d = self.conductor.schedule(request_id, prompt, max_tokens)
+        if not d.admitted:
+            cfg = self.conductor_config
+            raise RequestRejected(f"request {request_id!r} rejected by admission control ({cfg.admission}): "
+                                  f"{d.reason} (predicted TTFT {d.ttft_s:.2f}s, SLO {cfg.ttft_slo_s:g}s; predicted "
+                                  f"TBT {d.tbt_s:.3f}s, SLO {cfg.tbt_slo_s:g}s)", self.conductor.retry_after_s(d))
+        fetch_from = None if d.fetch_from is None else self.prefill_groups[d.fetch_from][0]
+        return self.prefill_groups[d.prefill_id], self.decode_ranks[d.decode_id], fetch_from, d.cached_blocks
+
+    def _finish_in_conductor(self, request_id: str, aborted: bool) -> None:
+        if self.conductor is not None:
+            self.conductor.on_finish(request_id, aborted)
 
     def _validate(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
         if request_id in self._requests:
@@ -170,6 +204,8 @@ class Cluster:
         """Free the request's blocks on every instance; get_outputs reports it finished with "abort"."""
         with self._lock:
             ranks = self._requests.pop(request_id, None)
+            if ranks is not None:
+                self._finish_in_conductor(request_id, aborted=True)
         if ranks is None:
             return
         for rank in ranks:
@@ -204,6 +240,9 @@ class Cluster:
                     self._deliver(msg.outputs)
                 elif isinstance(msg, Stats):
                     self._stats[msg.rank] = msg.stats
+                elif isinstance(msg, HeldBlocks):
+                    with self._lock:
+                        self.conductor.on_keys(self._prefill_index[msg.rank], msg.added, msg.removed)
                 elif isinstance(msg, Crashed):
                     self._on_death(msg.rank, f"instance rank {msg.rank} crashed:\n{msg.error}")
             for spec, p in zip(self.specs, self.procs):
@@ -216,8 +255,11 @@ class Cluster:
             for out in outputs:
                 if out.request_id not in self._requests:
                     continue  # aborted, or already failed: reported once
+                if self.conductor is not None:
+                    self.conductor.on_tokens(out.request_id, len(out.new_token_ids))
                 if out.finished:
                     del self._requests[out.request_id]
+                    self._finish_in_conductor(out.request_id, aborted=out.finish_reason == "abort")
                 self._outputs.put(out)
 
     def _on_death(self, rank: int, reason: str) -> None:
@@ -226,6 +268,11 @@ class Cluster:
             hit = [(rid, ranks) for rid, ranks in self._requests.items() if rank in ranks]
             for rid, _ in hit:
                 del self._requests[rid]
+                self._finish_in_conductor(rid, aborted=True)
+            if self.conductor is not None and rank in self._prefill_index:
+                self.conductor.on_prefill_death(self._prefill_index[rank])  # its blocks leave the index
+            elif self.conductor is not None and rank in self.decode_ranks:
+                self.conductor.on_decode_death(self.decode_ranks.index(rank))
         for rid, ranks in hit:
             for r in ranks:
                 if r not in self._dead:
@@ -243,7 +290,9 @@ def _layout(num_prefill: int, num_decode: int, stages: int, colocated: bool) -> 
         return [InstanceSpec("colocated", 0)]
     groups = [tuple(range(g * stages, (g + 1) * stages)) for g in range(num_prefill)]
     prefill_ranks = tuple(r for g in groups for r in g)
-    specs = [InstanceSpec("prefill", r, stage=s, group_ranks=g) for g in groups for s, r in enumerate(g)]
+    peers = prefill_ranks if stages == 1 else ()  # single-stage instances pull blocks from each other
+    specs = [InstanceSpec("prefill", r, stage=s, group_ranks=g, prefill_ranks=tuple(p for p in peers if p != r))
+             for g in groups for s, r in enumerate(g)]
     first = len(prefill_ranks)
     specs += [InstanceSpec("decode", first + d, prefill_ranks=prefill_ranks) for d in range(num_decode)]
     return specs

@@ -85,7 +85,8 @@ class DecodeInstance(Instance):
             self.receiver.expect(msg.xfer_id, seq.block_table, first_block, list(msg.prefill_ranks))
             self.receiving[msg.xfer_id] = (msg, seq)
             self.mailbox.send(msg.prefill_ranks[0], Prefill(msg.request_id, msg.prompt_token_ids, msg.params,
-                                                            msg.xfer_id, self.rank, first_block))
+                                                            msg.xfer_id, self.rank, first_block,
+                                                            msg.fetch_from, msg.fetch_blocks))
 
     def _start_decoding(self, xfer_id: int) -> None:
         """Every layer arrived and the first token is known: join the running batch."""

@@ -26,7 +26,8 @@ class InstanceSpec:
     rank: int
     stage: int = 0  # prefill: this process's stage in its group
     group_ranks: tuple[int, ...] = ()  # prefill: the ranks of its group, stage order
-    prefill_ranks: tuple[int, ...] = ()  # decode: every prefill rank (each may send K/V)
+    prefill_ranks: tuple[int, ...] = ()  # decode: every prefill rank (each may send K/V);
+    # single-stage prefill: the other prefill instances it may pull prefix blocks from
 
 
 class Instance:

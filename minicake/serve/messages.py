@@ -21,6 +21,8 @@ class NewRequest:  # parent -> decode (or colocated) instance
     params: SamplingParams
     xfer_id: int  # names the request's KV transfer; unique in the cluster
     prefill_ranks: tuple[int, ...]  # the prefill group that computes it, stage order (colocated: none)
+    fetch_from: int | None = None  # hot-spot migration: the prefill rank that holds its prefix
+    fetch_blocks: int = 0  # ... and how many leading blocks of it (the Conductor's decision)
 
 
 @dataclass
@@ -31,6 +33,8 @@ class Prefill:  # decode -> prefill stage 0, once the blocks are reserved: the r
     xfer_id: int
     decode_rank: int
     first_block: int  # the decode instance holds blocks 0..first_block-1 already: not sent
+    fetch_from: int | None = None  # pull blocks from this prefill rank first (minicake/cache/migration.py)
+    fetch_blocks: int = 0
 
 
 @dataclass
@@ -46,6 +50,13 @@ class Prefilled:  # last prefill stage -> decode: every K/V send of the prompt h
 class PrefillFailed:  # prefill -> decode: the request cannot be prefilled (a send failed, aborted)
     xfer_id: int
     error: str
+
+
+@dataclass
+class HeldBlocks:  # prefill stage 0 -> parent, on change: block keys gained and lost (device + pool)
+    rank: int
+    added: list[int]
+    removed: list[int]
 
 
 @dataclass

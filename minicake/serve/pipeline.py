@@ -74,15 +74,21 @@ class StageRunner:
         self.model, self.kv_caches, self.layers = model, kv_caches, layers
         self.sender, self.timeout = sender, timeout
         self.hidden_sends: list = []  # (works, tensors) of the hidden states sent downstream
+        self.pool = None  # a KVPool (single-stage groups only) whose loads run before each layer
 
     @torch.inference_mode()
     def run_layers(self, hidden, residual, positions, meta: AttentionMetadata, batch: StageBatch):
         """hidden, residual: [num_tokens, hidden_size] (residual None at layer 0)."""
+        loading = self.pool is not None and self.pool.begin_loads()
         for i in self.layers:
+            if loading:
+                self.pool.before_layer(i)
             k_cache, v_cache = self.kv_caches[i]
             hidden, residual = self.model.layers[i](positions, hidden, residual, meta, k_cache, v_cache)
             if batch.layerwise:
                 self._send(batch.sends, i)
+        if loading:
+            self.pool.end_loads()
         if not batch.layerwise:
             for i in self.layers:
                 self._send(batch.sends, i)

@@ -5,18 +5,22 @@ cache included), and each step becomes a `StageBatch` with, per request, which b
 ready to send. Every stage runs its layers, sends each layer's new blocks to the decode
 instance that reserved them (DESIGN.md 4.5), and hands the hidden states to the next stage
 (4.6). The last stage samples the first token and tells the decode instance `Prefilled`.
-A prefill instance never decodes: a request leaves it once its prompt is computed.
+A prefill instance never decodes: a request leaves it once its prompt is computed. A single-stage
+instance also keeps a host KV pool, reports the block keys it holds to the parent (the Conductor's
+index), and pulls a prefix from another prefill instance first when told to (hot-spot migration).
 """
 import time
 from collections import deque
 
 import torch
 
+from minicake.cache.migration import BlockFetcher, FetchBlocks, FetchReply, holder_send
 from minicake.cache.transfer import KVSender
 from minicake.sampling import sample
+from minicake.sched.live import HeldKeys
 from minicake.sched.sequence import Sequence
 from minicake.serve.instance import Instance
-from minicake.serve.messages import Abort, Heartbeat, Prefill, Prefilled, PrefillFailed
+from minicake.serve.messages import PARENT, Abort, Heartbeat, HeldBlocks, Prefill, Prefilled, PrefillFailed
 from minicake.serve.pipeline import SampleRow, SendPlan, StageBatch, StageRunner, stage_layers
 
 HEARTBEAT_S = 1.0
@@ -37,14 +41,23 @@ class PrefillInstance(Instance):
         self.batches: deque[StageBatch] = deque()  # stages > 0: batches from the previous stage
         self.dst_of: dict[int, int] = {}  # transfer id -> decode rank, to report failed sends
         self.last_heartbeat = 0.0
+        self.fetcher, self.held = None, HeldKeys()
+        if len(self.group) == 1:  # the pool and migration follow stage 0's blocks: single-stage groups only
+            self.runner.pool = engine.block_manager.pool
+            self.fetcher = BlockFetcher(engine.block_manager, engine.kv_caches, list(spec.prefill_ranks),
+                                        cfg.kv_transfer_timeout, self.rank, mailbox)
 
     def handle(self, msg) -> None:
         if isinstance(msg, Prefill):
             assert self.stage == 0, "requests enter a prefill group at stage 0"
-            seq = Sequence(msg.request_id, msg.prompt_token_ids, msg.params)
-            self.requests[msg.request_id] = (seq, msg)
-            self.sent_blocks[msg.request_id] = msg.first_block
-            self.engine.scheduler.add(seq)
+            if msg.fetch_from is None or self.fetcher is None or not self.fetcher.start(
+                    msg.xfer_id, msg.prompt_token_ids, msg.fetch_blocks, msg.fetch_from, msg):
+                self._admit(msg)
+        elif isinstance(msg, FetchBlocks):
+            holder_send(msg, self.engine.block_manager, self.engine.block_manager.pool, self.engine.kv_caches,
+                        self.sender, self.mailbox)
+        elif isinstance(msg, FetchReply):
+            self.fetcher.on_reply(msg)
         elif isinstance(msg, StageBatch):
             self.batches.append(msg)
         elif isinstance(msg, Abort):
@@ -52,6 +65,9 @@ class PrefillInstance(Instance):
             if entry is not None:
                 self.engine.scheduler.finish(entry[0], "abort")
                 del self.sent_blocks[msg.request_id]
+            fetching = self.fetcher.fetches.items() if self.fetcher is not None else ()
+            for fetch_id in [i for i, f in fetching if f.payload.request_id == msg.request_id]:
+                self.fetcher.cancel(fetch_id)
         else:
             raise AssertionError(f"a prefill instance got {type(msg).__name__}")
 
@@ -59,14 +75,37 @@ class PrefillInstance(Instance):
         return self.engine.scheduler.has_unfinished() or bool(self.batches)
 
     def waiting_for_peers(self) -> bool:
-        return self.sender.num_pending > 0
+        return self.sender.num_pending > 0 or (self.fetcher is not None and bool(self.fetcher.fetches))
+
+    def _admit(self, msg: Prefill) -> None:
+        seq = Sequence(msg.request_id, msg.prompt_token_ids, msg.params)
+        self.requests[msg.request_id] = (seq, msg)
+        self.sent_blocks[msg.request_id] = msg.first_block
+        self.engine.scheduler.add(seq)
+
+    def _report_blocks(self) -> None:
+        """Tell the parent which block keys were gained and lost (device cache and pool), batched."""
+        bm = self.engine.block_manager
+        held = set(bm.cached) | (set(bm.pool.entries) if bm.pool is not None else set())
+        added, removed = self.held.diff(held)
+        if added or removed:
+            self.mailbox.send(PARENT, HeldBlocks(self.rank, added, removed))
+
+    def stats(self) -> dict:
+        return {**self.engine.stats(), "num_fetched_blocks": self.fetcher.num_fetched_blocks if self.fetcher else 0}
 
     def work(self) -> None:
         for xfer_id, error in self.sender.poll():
-            self.mailbox.send(self.dst_of[xfer_id], PrefillFailed(xfer_id, error))
+            if xfer_id in self.dst_of:  # a failed migration send is the puller's to notice
+                self.mailbox.send(self.dst_of[xfer_id], PrefillFailed(xfer_id, error))
+        if self.fetcher is not None:
+            for msg in self.fetcher.poll():
+                self._admit(msg)
         if self.stage == 0:
             self._heartbeat()
             self._schedule_and_run()
+            if len(self.group) == 1:
+                self._report_blocks()
         elif self.batches:
             batch = self.batches.popleft()
             positions, meta = batch.tensors(self.engine.device)
