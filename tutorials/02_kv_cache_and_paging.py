@@ -187,7 +187,7 @@ print(f"{'batch':>5} {'FLOP/byte':>9} {'step ms':>8} {'tokens/s':>9} {'GB/s of w
 weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 for batch in (1, 4, 16):
     t = decode_step_time(batch)
-    intensity = 2 * batch * weight_bytes / 4 / weight_bytes  # 2 FLOPs per fp32 weight per sequence
+    intensity = batch * 2 / 4  # 2 FLOPs per sequence for every 4-byte fp32 weight read
     print(f"{batch:>5} {intensity:9.1f} {t * 1e3:8.1f} {batch / t:9.1f} {weight_bytes / t / 1e9:16.2f}")
 print("(absolute numbers depend on what else the CPU is doing; compare the rows)")
 

@@ -124,8 +124,8 @@ if __name__ == "__main__":
 # request: 2 (K, V) x 30 layers x 3 KV heads x 64 x 4 bytes per token.
 #
 # On one CPU host gloo moves tensors through local sockets, fast next to a CPU prefill, so
-# the gap between the columns is small and noisy here; between GPUs, where prefill is ~100x
-# faster and the link is the bottleneck, it is what decides whether disaggregation pays.
+# the gap between the columns is small and noisy here; between GPUs, where prefill is far
+# faster and the link matters more, hiding the transfer decides whether disaggregation pays.
 
 # %%
 if __name__ == "__main__":

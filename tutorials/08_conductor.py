@@ -100,7 +100,7 @@ print(f"{trace_path}: {len(trace)} requests over {trace[-1].arrival_s:.0f} s, "
 # ## Four schedulers on the same cluster
 #
 # 6 prefill + 6 decode instances, each prefill instance with a 3M-token host KV pool, the
-# paper-70b cost model, no admission control (every request is served, however late):
+# paper-70b cost model, no admission control (no request is refused for being late):
 # - `random`: any prefill instance;
 # - `load`: the one with the shortest queue, ignoring caches;
 # - `cache-local`: smallest predicted TTFT using only each instance's own cache;
@@ -166,5 +166,7 @@ print(f"wrote {FIGURES / '08_ttft_by_scheduler.png'}")
 # - `python -m minicake.sim --trace ../shared/traces/conversation_trace.jsonl --prefill 6
 #   --decode 6 --limit 3000 --plot load.png`: the same run from the command line, with
 #   per-instance load over time.
+# - `minicake/sched/live.py` and `minicake/serve/cluster.py`: the same Conductor choosing
+#   instances for live requests in the server's cluster.
 # - `benchmarks/pool_hit_rate.py`: hit rate against the pool's capacity.
 # - Chapter 9 (`09_overload.py`): when there are more requests than the cluster can serve.
