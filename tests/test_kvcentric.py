@@ -202,3 +202,19 @@ def test_a_dead_prefill_instance_leaves_the_index_and_its_requests_abort(llm):
     believe_busy(llm, 0, 0)
     [out] = llm.generate([prompt], GREEDY)  # served by the survivor
     assert out.finish_reason == "length"
+
+
+def test_the_server_answers_a_refused_request_with_429_and_retry_after(tiny_checkpoint):
+    import httpx
+    from server_process import ServerProcess
+    server = ServerProcess("--model", str(tiny_checkpoint("llama")), "--prefill", "2", "--decode", "1",
+                           "--block-size", "4", "--num-kv-blocks", "64", "--max-model-len", "128",
+                           "--admission", "early", "--ttft-slo", "0.000001", "--tbt-slo", "10",
+                           "--served-model-name", "tiny")
+    try:
+        r = httpx.post(f"{server.url}/v1/completions", json={"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 2},
+                       timeout=60)
+        assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+        assert "rejected by admission control (early): prefill overloaded" in r.json()["error"]["message"]
+    finally:
+        assert server.stop() == 0

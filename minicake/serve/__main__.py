@@ -17,12 +17,14 @@ import uvicorn
 
 from minicake.config import EngineConfig
 from minicake.serve.api import create_app
-from minicake.serve.cluster import Cluster
+from minicake.sched.conductor import ADMISSIONS, SCHEDULERS, ConductorConfig
+from minicake.sched.cost_model import load_profile
+from minicake.serve.cluster import DEFAULT_PROFILE, Cluster
 from minicake.serve.dashboard import Dashboard
 from minicake.serve.metrics import ServerMetrics
 
 ENGINE_FLAGS = ("model", "device", "dtype", "block_size", "max_num_seqs", "max_model_len",
-                "max_num_batched_tokens", "num_kv_blocks")
+                "max_num_batched_tokens", "num_kv_blocks", "kv_pool_blocks")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,13 +56,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "within it (counted in minicake:requests_effective)")
     p.add_argument("--tbt-slo", type=float, help="seconds, on the paper's TBT (mean of a "
                    "request's slowest 10%% of gaps)")
-    p.add_argument("--admission", choices=["none", "early", "predictive"], default="none",
-                   help="admission control (DESIGN.md 4.7); early and predictive need the "
-                   "Conductor, which is not in the server yet, so only 'none' runs today")
+    p.add_argument("--kv-pool-blocks", type=int,
+                   help="host-memory KV pool of each prefill instance, in blocks (default: none)")
+    p.add_argument("--scheduler", choices=SCHEDULERS, default="kvcache",
+                   help="how the Conductor picks the prefill instance (DESIGN.md 4.3)")
+    p.add_argument("--admission", choices=ADMISSIONS, default="none",
+                   help="admission control (DESIGN.md 4.7); a refused request gets HTTP 429 "
+                   "(judged against --ttft-slo and --tbt-slo)")
+    p.add_argument("--profile", default=DEFAULT_PROFILE,
+                   help="the Conductor's cost profile (benchmarks/fit_cost_model.py writes one)")
     args = p.parse_args(argv)
-    if args.admission != "none":
-        p.error(f"--admission {args.admission} needs the Conductor in the server (not merged "
-                "yet); use --admission none")
+    if args.admission != "none" and (args.ttft_slo is None or args.tbt_slo is None):
+        p.error(f"--admission {args.admission} needs --ttft-slo and --tbt-slo")
     return args
 
 
@@ -107,8 +114,15 @@ def main(argv=None) -> None:
         config = EngineConfig(**settings)
     except ValueError as e:
         sys.exit(f"error: {e}")
+    slos = {k: v for k, v in (("ttft_slo_s", args.ttft_slo), ("tbt_slo_s", args.tbt_slo)) if v is not None}
+    try:
+        conductor = ConductorConfig(scheduler=args.scheduler, admission=args.admission,
+                                    block_size=config.block_size, **slos)
+        cost = load_profile(args.profile)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     cluster = Cluster(config, prefill_instances=prefill, decode_instances=decode,
-                      pipeline_stages=args.pipeline_stages, colocated=colocated)
+                      pipeline_stages=args.pipeline_stages, colocated=colocated, conductor=conductor, cost=cost)
     try:
         asyncio.run(serve(cluster, args))
     except KeyboardInterrupt:
