@@ -51,26 +51,30 @@ def finish(cluster: Cluster, request_ids: set[str], start: float, limit: float =
     return times
 
 
-def kv_totals(cluster: Cluster) -> tuple[float, int]:
-    """The decode instances' summed wait for K/V after prefill compute ended, and transfer count."""
-    decode = [s for s in cluster.stats() if s["role"] == "decode"]
-    return sum(s.get("kv_wait_s", 0.0) for s in decode), sum(s.get("num_transfers", 0) for s in decode)
+def kv_totals(cluster: Cluster) -> tuple[float, float, int]:
+    """Summed over instances: prefill time spent starting K/V sends, decode wait for K/V after
+    prefill compute ended, and the number of transfers completed."""
+    stats = cluster.stats()
+    return (sum(s.get("kv_send_s", 0.0) for s in stats), sum(s.get("kv_wait_s", 0.0) for s in stats),
+            sum(s.get("num_transfers", 0) for s in stats))
 
 
 def ttft(cluster: Cluster, prompt: list[int], rid: str) -> tuple[float, float]:
-    """(TTFT, the part of it spent waiting for K/V after the prompt was computed; 0 colocated)."""
-    wait_before, count_before = kv_totals(cluster)
+    """(TTFT, the part of it the K/V transfer added: the prefill's time gathering and starting
+    sends plus the decode's wait after prefill compute ended; 0 colocated)."""
+    before = kv_totals(cluster)
     start = time.monotonic()
     cluster.add_request(rid, prompt, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
     first = finish(cluster, {rid}, start)[rid][0] - start
     if not any(s["role"] == "decode" for s in cluster.stats()):
         return first, 0.0
     deadline = time.monotonic() + 5.0
-    while kv_totals(cluster)[1] == count_before and time.monotonic() < deadline:
-        time.sleep(0.05)  # the decode instance reports its stats a moment later
-    wait_after, count_after = kv_totals(cluster)
-    assert count_after == count_before + 1, "the decode instance did not report the transfer"
-    return first, wait_after - wait_before
+    while kv_totals(cluster)[2] == before[2] and time.monotonic() < deadline:
+        time.sleep(0.05)  # the instances report their stats a moment later
+    time.sleep(0.3)
+    after = kv_totals(cluster)
+    assert after[2] == before[2] + 1, "the decode instance did not report the transfer"
+    return first, (after[0] - before[0]) + (after[1] - before[1])
 
 
 def decode_rate(cluster: Cluster, prompts: list[list[int]], max_tokens: int, tag: str) -> float:
@@ -118,7 +122,7 @@ def main() -> None:
                     first, wait = ttft(c, prompt, f"ttft-{n}-{r}")
                     samples[name][n].append(first)
                     waits[name][n].append(wait)
-                    console.print(f"  {name:18s} {n:5d} tokens: TTFT {first:.3f}s, K/V wait after prefill {wait:.3f}s")
+                    console.print(f"  {name:18s} {n:5d} tokens: TTFT {first:.3f}s, transfer adds {wait:.3f}s")
         decode_prompts = [random_prompt(256, 7 + i, vocab) for i in range(args.decode_batch)]
         rates = {name: decode_rate(c, decode_prompts, args.decode_tokens, "dec") for name, c in clusters.items()}
         load = max(load, os.getloadavg()[0])
@@ -144,8 +148,8 @@ def report(console: Console, args, samples: dict, waits: dict, rates: dict, load
         table.add_row(name, *cells, f"{rates[name]:.1f}")
     console.print(table)
     console.print("(+x%): TTFT against colocated, measured a moment apart, so machine load moves it too")
-    waits_table = Table(title="K/V wait after prefill: from the last layer computed until the decode "
-                              "side holds every layer (median seconds, share of that mode's TTFT)")
+    waits_table = Table(title="Time the K/V transfer adds: prefill gathering blocks and starting sends, plus "
+                              "the decode side's wait after prefill compute (median s, share of TTFT)")
     waits_table.add_column("mode")
     for n in args.lengths:
         waits_table.add_column(f"{n} tok", justify="right")
@@ -155,7 +159,7 @@ def report(console: Console, args, samples: dict, waits: dict, rates: dict, load
     console.print(waits_table)
     print(json.dumps({"benchmark": "disagg", "model": args.model, "chunk": args.chunk, "load_avg": round(load, 2),
                       "ttft_s": {name: {str(n): round(t, 4) for n, t in v.items()} for name, v in medians.items()},
-                      "kv_wait_after_prefill_s": {name: {str(n): round(w, 4) for n, w in v.items()}
+                      "transfer_adds_s": {name: {str(n): round(w, 4) for n, w in v.items()}
                                                   for name, v in wait_medians.items() if name != "colocated"},
                       "decode_tok_s": {name: round(r, 2) for name, r in rates.items()}}))
 

@@ -291,10 +291,10 @@ def _layout(num_prefill: int, num_decode: int, stages: int, colocated: bool) -> 
     groups = [tuple(range(g * stages, (g + 1) * stages)) for g in range(num_prefill)]
     prefill_ranks = tuple(r for g in groups for r in g)
     peers = prefill_ranks if stages == 1 else ()  # single-stage instances pull blocks from each other
-    specs = [InstanceSpec("prefill", r, stage=s, group_ranks=g, prefill_ranks=tuple(p for p in peers if p != r))
-             for g in groups for s, r in enumerate(g)]
-    first = len(prefill_ranks)
-    specs += [InstanceSpec("decode", first + d, prefill_ranks=prefill_ranks) for d in range(num_decode)]
+    decode_ranks = tuple(range(len(prefill_ranks), len(prefill_ranks) + num_decode))
+    specs = [InstanceSpec("prefill", r, stage=s, group_ranks=g, prefill_ranks=tuple(p for p in peers if p != r),
+                          decode_ranks=decode_ranks) for g in groups for s, r in enumerate(g)]
+    specs += [InstanceSpec("decode", r, prefill_ranks=prefill_ranks) for r in decode_ranks]
     return specs
 
 

@@ -28,6 +28,7 @@ class InstanceSpec:
     group_ranks: tuple[int, ...] = ()  # prefill: the ranks of its group, stage order
     prefill_ranks: tuple[int, ...] = ()  # decode: every prefill rank (each may send K/V);
     # single-stage prefill: the other prefill instances it may pull prefix blocks from
+    decode_ranks: tuple[int, ...] = ()  # prefill: every decode rank (each may wait for its K/V)
 
 
 class Instance:

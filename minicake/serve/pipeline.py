@@ -8,6 +8,7 @@ stage sends the K/V of its own layers to the decode instance right after computi
 All stages have the same number of blocks and follow stage 0's block tables in the same
 order, so a block id means the same tokens on every stage. S=1 is plain prefill.
 """
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -74,11 +75,13 @@ class StageRunner:
         self.model, self.kv_caches, self.layers = model, kv_caches, layers
         self.sender, self.timeout = sender, timeout
         self.hidden_sends: list = []  # (works, tensors) of the hidden states sent downstream
+        self.send_s = 0.0  # time this process spent starting K/V sends (gathering the blocks)
         self.pool = None  # a KVPool (single-stage groups only) whose loads run before each layer
 
     @torch.inference_mode()
-    def run_layers(self, hidden, residual, positions, meta: AttentionMetadata, batch: StageBatch):
-        """hidden, residual: [num_tokens, hidden_size] (residual None at layer 0)."""
+    def run_layers(self, hidden, residual, positions, meta: AttentionMetadata, batch: StageBatch, after_layer):
+        """hidden, residual: [num_tokens, hidden_size] (residual None at layer 0). Calls
+        after_layer() after each layer."""
         loading = self.pool is not None and self.pool.begin_loads()
         for i in self.layers:
             if loading:
@@ -87,6 +90,7 @@ class StageRunner:
             hidden, residual = self.model.layers[i](positions, hidden, residual, meta, k_cache, v_cache)
             if batch.layerwise:
                 self._send(batch.sends, i)
+            after_layer()
         if loading:
             self.pool.end_loads()
         if not batch.layerwise:
@@ -95,9 +99,11 @@ class StageRunner:
         return hidden, residual
 
     def _send(self, sends: list[SendPlan], layer: int) -> None:
+        start = time.perf_counter()
         k_cache, v_cache = self.kv_caches[layer]
         for s in sends:
             self.sender.send_layer(s.xfer_id, s.dst, layer, s.first_block, s.block_ids, k_cache, v_cache)
+        self.send_s += time.perf_counter() - start
 
     def send_hidden(self, hidden, residual, dst: int) -> None:
         """Pass the activations to the next stage; waits only for the previous batch's send,

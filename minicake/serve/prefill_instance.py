@@ -102,7 +102,6 @@ class PrefillInstance(Instance):
             for msg in self.fetcher.poll():
                 self._admit(msg)
         if self.stage == 0:
-            self._heartbeat()
             self._schedule_and_run()
             if len(self.group) == 1:
                 self._report_blocks()
@@ -114,10 +113,14 @@ class PrefillInstance(Instance):
                                                        src=self.group[self.stage - 1])
             self._forward(hidden, residual, positions, meta, batch)
 
+    def stats(self) -> dict:
+        return self.engine.stats() | {"kv_send_s": self.runner.send_s}
+
     def _heartbeat(self) -> None:
-        """Tell the decode instances waiting on this group that it is alive (K/V may be far off)."""
-        if self.requests and time.monotonic() - self.last_heartbeat > HEARTBEAT_S:
-            for dst in {prefill.decode_rank for _, prefill in self.requests.values()}:
+        """While computing, tell the decode instances once a second that this rank is alive:
+        with send-after-prefill, or a long queue, their K/V may be many seconds away."""
+        if time.monotonic() - self.last_heartbeat > HEARTBEAT_S:
+            for dst in self.spec.decode_ranks:
                 self.mailbox.send(dst, Heartbeat(self.rank))
             self.last_heartbeat = time.monotonic()
 
@@ -154,7 +157,7 @@ class PrefillInstance(Instance):
                           meta.block_tables.tolist(), meta.slot_mapping.tolist(), sends, samples, layerwise)
 
     def _forward(self, hidden, residual, positions, meta, batch: StageBatch) -> None:
-        hidden, residual = self.runner.run_layers(hidden, residual, positions, meta, batch)
+        hidden, residual = self.runner.run_layers(hidden, residual, positions, meta, batch, self._heartbeat)
         if not self.is_last:
             nxt = self.group[self.stage + 1]
             self.runner.send_hidden(hidden, residual, nxt)  # posted before the batch is announced
