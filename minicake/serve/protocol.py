@@ -36,6 +36,7 @@ class RequestRejected(Exception):
 
 # Parameters minicake does not implement, accepted only at their neutral value so that
 # clients which always send defaults keep working; anything else is refused by name.
+# `user` (an end-user id for abuse tracking) is accepted with any value and ignored.
 NEUTRAL_VALUES = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False),
                   "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
                   "best_of": (None, 1), "logit_bias": (None, {}), "suffix": (None, ""),
