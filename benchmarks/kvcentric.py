@@ -99,7 +99,7 @@ def summarize(ttft: list[float], gaps: list[list[float]], hit_rate: float) -> di
 def simulate(scheduler: str, cost, prompts, outputs, arrivals, args, block_size: int, kv_tokens: int) -> dict:
     trace = [TraceEntry(a, Request(i, len(p), n, block_keys(p, block_size)))
              for i, (p, n, a) in enumerate(zip(prompts, outputs, arrivals))]
-    sim = SimConfig(num_prefill=args.prefill, num_decode=1,
+    sim = SimConfig(num_prefill=args.prefill, num_decode=1, decode_entry=args.decode_entry,
                     pool_tokens=(args.num_kv_blocks + args.kv_pool_blocks) * block_size)
     cond = ConductorConfig(scheduler=scheduler, block_size=block_size)
     s = Simulator(sim, cond, replace(cost, kv_capacity_tokens=kv_tokens), trace).run().summary()
@@ -120,6 +120,8 @@ def main() -> None:
     p.add_argument("--kv-pool-blocks", type=int, default=2048)
     p.add_argument("--profile", default=DEFAULT_PROFILE)
     p.add_argument("--schedulers", default=",".join(SCHEDULERS))
+    p.add_argument("--no-decode-entry", dest="decode_entry", action="store_false",
+                   help="simulate without the decode loop's step granularity at entry and first token")
     args = p.parse_args()
     cost, bs = load_profile(args.profile), args.block_tokens
     slice_ = conversation_slice(args.trace, args.requests, args.max_input)
@@ -133,6 +135,9 @@ def main() -> None:
                  conductor=ConductorConfig(block_size=bs), cost=cost) as cluster:
         vocab = cluster.model_config.vocab_size
         kv_tokens = cluster.conductor.decode[0].kv_capacity_tokens
+        warm = [prompt_tokens(n_in, ids, bs, vocab, -1) for n_in, _, ids in slice_[:2 * args.prefill]]
+        cluster.conductor.config.scheduler = "load"  # every instance runs once before anything is timed
+        replay(cluster, warm, outputs[:len(warm)], [0.0] * len(warm))
         for salt, name in enumerate(args.schedulers.split(",")):
             prompts = [prompt_tokens(n_in, ids, bs, vocab, salt) for n_in, _, ids in slice_]
             cluster.conductor.config.scheduler = name

@@ -218,3 +218,22 @@ def test_the_server_answers_a_refused_request_with_429_and_retry_after(tiny_chec
         assert "rejected by admission control (early): prefill overloaded" in r.json()["error"]["message"]
     finally:
         assert server.stop() == 0
+
+
+def test_simulated_decode_entry_waits_for_the_decode_step_in_progress():
+    """In the live cluster a request enters, and its first token leaves, through its decode
+    instance's loop: the simulator's decode_entry charges the wait for the step in progress."""
+    from minicake.sched.conductor import Request as SimRequest
+    from minicake.sched.simulator import SimConfig, Simulator
+    from minicake.sched.trace import TraceEntry
+    cost = CostModel("steps", (0.0, 0.01, -0.01, 0.0, 0.0), (0.1, 0.0, 0.0), 0.001, BLOCK, 10_000)
+    trace = [TraceEntry(0.0, SimRequest(0, 10, 5, [])), TraceEntry(0.15, SimRequest(1, 5, 5, []))]
+
+    def ttft(decode_entry):
+        sim = Simulator(SimConfig(num_prefill=1, num_decode=1, decode_entry=decode_entry),
+                        ConductorConfig(block_size=BLOCK), cost, trace)
+        r = sim.run()
+        return list(r.first_token_s - r.arrival_s)
+    # request 1 arrives mid-step (0.1..0.2): dispatched at 0.2, prefilled by 0.25, joins at the step end 0.3
+    assert ttft(True) == pytest.approx([0.1, 0.15])
+    assert ttft(False) == pytest.approx([0.1, 0.05])

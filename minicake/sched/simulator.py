@@ -27,6 +27,9 @@ class SimConfig:
     pool_tokens: int | None = 3_000_000  # host KV pool of each prefill instance; None: unlimited
     eviction: str = "lru"
     sample_points: int = 400             # load samples over the run, for the plot
+    # minicake's live cluster: a request enters, and its first token leaves, through its decode
+    # instance's loop, so both wait for the decode step in progress (benchmarks/kvcentric.py)
+    decode_entry: bool = False
 
     def __post_init__(self):
         if self.num_prefill < 1 or self.num_decode < 1:
@@ -56,6 +59,7 @@ class Simulator:
         self.decode_pending = [[] for _ in self.decode]  # joined after prefill, wait for a step boundary
         self.decode_running = [[] for _ in self.decode]  # heap of (last step index, request id)
         self.decode_stepping = [False] * config.num_decode
+        self.dispatch_pending = [[] for _ in self.decode]  # decode_entry: seen after the step in progress
         self.result = SimResult.empty(trace, config.num_decode, conductor_config)
         self.decisions: list[Decision | None] = [None] * len(trace)
 
@@ -98,9 +102,16 @@ class Simulator:
         self.pools[d.prefill_id].pin(req.block_keys[:d.local_blocks])
         if d.fetch_from is not None:
             self.pools[d.fetch_from].pin(req.block_keys[:d.cached_blocks])
-        self.prefill_queue[d.prefill_id].append(rid)
-        if self.prefill_running[d.prefill_id] is None:
-            self._start_prefill(d.prefill_id, now)
+        if self.config.decode_entry and d.decode_id is not None and self.decode_stepping[d.decode_id]:
+            self.dispatch_pending[d.decode_id].append(rid)
+        else:
+            self._enqueue_prefill(rid, now)
+
+    def _enqueue_prefill(self, rid: int, now: float) -> None:
+        i = self.decisions[rid].prefill_id
+        self.prefill_queue[i].append(rid)
+        if self.prefill_running[i] is None:
+            self._start_prefill(i, now)
 
     def _start_prefill(self, i: int, now: float) -> None:
         rid = self.prefill_queue[i].popleft()
@@ -127,7 +138,8 @@ class Simulator:
         self.pools[i].unpin(req.block_keys[:d.local_blocks])
         if self.prefill_queue[i]:
             self._start_prefill(i, now)
-        self.result.first_token_s[rid] = now
+        if not self.config.decode_entry or req.max_new_tokens == 1:
+            self.result.first_token_s[rid] = now  # else: when the decode instance joins it
         decode_id = self.conductor.on_prefill_done(req, d, now)
         if decode_id is None:  # baseline admission: the decode side refused, the prefill was wasted
             self.result.reject(rid, now, REJECTED_AFTER_PREFILL)
@@ -148,6 +160,8 @@ class Simulator:
             req = self.requests[rid]
             self.conductor.on_decode_join(rid, j, now)
             self.result.decode_id[rid], self.result.join_step[rid] = j, step
+            if self.config.decode_entry:
+                self.result.first_token_s[rid] = now
             # it makes max_new_tokens - 1 more tokens, one per step; the prompt + first token are in KV
             heapq.heappush(running, (step + req.max_new_tokens - 2, rid))
             state.batch_size += 1
@@ -160,6 +174,9 @@ class Simulator:
         state, running, ends = self.decode[j], self.decode_running[j], self.result.step_ends[j]
         step = len(ends)
         ends.append(now)
+        for rid in self.dispatch_pending[j]:
+            self._enqueue_prefill(rid, now)
+        self.dispatch_pending[j].clear()
         state.context_tokens += state.batch_size
         while running and running[0][0] == step:
             rid = heapq.heappop(running)[1]
