@@ -4,6 +4,7 @@ A small command-line front of the offline `LLM` API: the bundled model by defaul
 unless a temperature is given, the prompt wrapped in the chat template with `--chat`.
 """
 import argparse
+import logging
 import time
 
 from minicake.llm import LLM
@@ -21,6 +22,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--chat", action="store_true", help="apply the model's chat template")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # shows the KV cache size
 
     llm = LLM(args.model, device=args.device)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
