@@ -100,7 +100,9 @@ def main() -> None:
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     args = p.parse_args()
 
+    # a long timeout: on a loaded 2-core machine a stage can stall for long, and this measures speed, not faults
     base = EngineConfig(model=args.model, device="cpu", num_threads=1, max_num_batched_tokens=args.chunk,
+                        kv_transfer_timeout=300.0,
                         num_kv_blocks=(max(args.lengths) + args.decode_batch * (256 + args.decode_tokens)) // 16 + 16)
     console = Console()
     load = os.getloadavg()[0]

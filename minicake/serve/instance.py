@@ -5,8 +5,10 @@ names (colocated: a plain `Engine`; prefill stage; decode) and runs its loop unt
 says `Shutdown`. The loop never blocks for long: it waits on its mailbox only when there is
 nothing to compute, so aborts and shutdowns are seen within a step.
 """
+import faulthandler
 import logging
 import os
+import signal
 import time
 import traceback
 from dataclasses import dataclass
@@ -98,6 +100,7 @@ def run_instance(rank: int, spec: InstanceSpec, config: EngineConfig, pipe_ends:
     """Entry point of an instance process (called by the launcher inside the process group)."""
     assert rank == spec.rank, f"launched as rank {rank} for the instance of rank {spec.rank}"
     logging.basicConfig(level=logging.WARNING)
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` prints every thread's stack
     mailbox = Mailbox(*pipe_ends)
     code = 0
     try:
