@@ -38,9 +38,10 @@ def num_blocks_for(budget_bytes: int, block_bytes: int) -> int:
 
 def allocate_kv_caches(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
                        head_dim: int, dtype: torch.dtype, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Zero-filled, so that padding slots a kernel may read are finite, never NaN garbage."""
+    """Left uninitialized: attention never reads a slot before it is written (the kernel tests
+    fill unowned slots with NaN to prove it), and on a CPU untouched pages cost no memory."""
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+    caches = [(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
               for _ in range(num_layers)]
     gib = num_blocks * bytes_per_block(num_layers, num_kv_heads, head_dim, block_size, dtype) / 2**30
     logger.info("KV cache: %d blocks of %d tokens (%d tokens), %.2f GiB on %s",
