@@ -161,7 +161,7 @@ def report(results: dict, args, load_before, load_after, lens: list[int]) -> Non
                       f"{live['avg_ttft_s']:.2f}", f"{sim['avg_ttft_s']:.2f}", f"{err['avg_ttft_s']:+.0%}",
                       f"{live['avg_tbt_s']:.3f}", f"{sim['avg_tbt_s']:.3f}", f"{err['avg_tbt_s']:+.0%}",
                       f"{live['avg_tpot_s']:.3f}", f"{sim['avg_tpot_s']:.3f}")
-    Console().print(table)
+    Console(width=150).print(table)
     print(f"prompt tokens: mean {np.mean(lens):.0f}, max {max(lens)} (hit rates are token-weighted)")
     print(json.dumps({"benchmark": "kvcentric", "model": args.model, "prefill": args.prefill,
                       "requests": args.requests, "rate": args.rate, "block_tokens": args.block_tokens,

@@ -1,5 +1,6 @@
 """The host-memory KV pool: evicted prefix blocks wait there under their key, come back layer by
 layer on a prefix hit, and a block that a request still needs is never evicted."""
+import pytest
 import torch
 
 from minicake.cache.block_manager import BlockManager
@@ -105,12 +106,14 @@ def run(engine, prompts):
         [cached[f"r{i}-{len(p)}-{p[0]}"] for i, p in enumerate(prompts)]
 
 
-def test_a_pool_hit_gives_the_same_greedy_tokens_as_a_recompute(tiny_checkpoint):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the pinned pool and its copy stream need CUDA"))])
+def test_a_pool_hit_gives_the_same_greedy_tokens_as_a_recompute(tiny_checkpoint, device):
     gen = torch.Generator().manual_seed(0)
     shared, others = torch.randint(3, 400, (21,), generator=gen).tolist(), \
         [torch.randint(3, 400, (30,), generator=gen).tolist() for _ in range(2)]
-    settings = dict(model=str(tiny_checkpoint("llama")), device="cpu", block_size=BLOCK, num_kv_blocks=12,
-                    num_threads=1)
+    settings = dict(model=str(tiny_checkpoint("llama")), device=device, dtype="float32", block_size=BLOCK,
+                    num_kv_blocks=12, num_threads=1)
     pooled = Engine(EngineConfig(**settings, kv_pool_blocks=32))
     first, _ = run(pooled, [shared])
     run(pooled, others[:1]), run(pooled, others[1:])  # two 30-token prompts push `shared` off the device
