@@ -84,6 +84,9 @@ class Cluster:
 
     def _start(self, config: EngineConfig) -> None:
         n, cuda = len(self.specs), config.device != "cpu" and torch.cuda.is_available()
+        if cuda and n > torch.cuda.device_count():  # NCCL refuses two ranks on one GPU
+            raise ValueError(f"{n} instance processes need {n} GPUs (one each, NCCL), found "
+                             f"{torch.cuda.device_count()}: use colocated=True (--colocated) or device='cpu'")
         threads = config.num_threads or max(1, (os.cpu_count() or 1) // n)
         configs = [replace(config, num_threads=threads,
                            device=f"cuda:{s.rank % torch.cuda.device_count()}" if cuda else "cpu",
