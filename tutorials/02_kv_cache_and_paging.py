@@ -150,11 +150,11 @@ print("paged decode == full recomputation, token for token")
 # an H100). So the step time is set by reading the weights, and adding sequences to the
 # batch is nearly free until the arithmetic catches up: that is why engines batch decodes
 # from many requests (chapter 4), and why Mooncake gives decode its own instances (chapter 6).
-# The table times decode steps at batch 1, 4 and 16 (contexts of ~16 tokens, so the weights,
+# The table times decode steps at batch 1 and 8 (contexts of ~16 tokens, so the weights,
 # not the KV cache, dominate the bytes).
 
 # %%
-def decode_step_time(batch: int, repeats: int = 3) -> float:
+def decode_step_time(batch: int, repeats: int = 2) -> float:
     bm = BlockManager(64, 16, enable_prefix_caching=False)
     caches = allocate_kv_caches(config.num_hidden_layers, 64, 16, config.num_key_value_heads,
                                 config.head_dim, torch.float32, torch.device("cpu"))
@@ -185,7 +185,7 @@ def decode_step_time(batch: int, repeats: int = 3) -> float:
 
 print(f"{'batch':>5} {'FLOP/byte':>9} {'step ms':>8} {'tokens/s':>9} {'GB/s of weights':>16}")
 weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-for batch in (1, 4, 16):
+for batch in (1, 8):
     t = decode_step_time(batch)
     intensity = batch * 2 / 4  # 2 FLOPs per sequence for every 4-byte fp32 weight read
     print(f"{batch:>5} {intensity:9.1f} {t * 1e3:8.1f} {batch / t:9.1f} {weight_bytes / t / 1e9:16.2f}")

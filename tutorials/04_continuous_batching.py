@@ -105,13 +105,13 @@ for rid in prompts:
 # %% [markdown]
 # ## Measurement: batched vs one at a time
 #
-# Four short requests, 12 tokens each: all four added to the engine at once (what
-# `LLM.generate` does), against the same four run one after another. The batched run does
-# four decodes per step for little more than the price of one.
+# Three short requests, 8 tokens each: all three added to the engine at once (what
+# `LLM.generate` does), against the same three run one after another. The batched run does
+# three decodes per step for little more than the price of one.
 
 # %%
-params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-batch_prompts = [tok.encode(f"Item number {i} on the list is") for i in range(4)]
+params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+batch_prompts = [tok.encode(f"Item number {i} on the list is") for i in range(3)]
 
 t0 = time.perf_counter()
 for i, ids in enumerate(batch_prompts):

@@ -68,7 +68,7 @@ tok = engine.tokenizer
 system = ("You are a careful assistant for a bakery. Answer in one short sentence. The bakery opens at "
           "seven, sells sourdough, rye and croissants, closes on Mondays, and takes orders by phone. ") * 2
 questions = ["When do you open?", "Do you sell rye bread?", "Are you open on Monday?"]
-greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+greedy = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
 
 
 def generate(request_id: str, text: str) -> tuple[list[int], int, float]:

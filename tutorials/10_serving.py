@@ -141,7 +141,7 @@ def stream(i: int) -> None:
     time.sleep(0.3 * i)
     times = timelines.setdefault(i, [time.perf_counter() - start])  # arrival first
     for chunk in client.completions.create(model=model, prompt=STORY_PROMPT + f" Story number {i}:",
-                                           max_tokens=24, temperature=0, stream=True,
+                                           max_tokens=16, temperature=0, stream=True,
                                            extra_body={"ignore_eos": True}):
         if chunk.choices and chunk.choices[0].text:
             times.append(time.perf_counter() - start)
