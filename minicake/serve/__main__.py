@@ -52,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-num-batched-tokens", type=int)
     p.add_argument("--num-kv-blocks", type=int,
                    help="KV cache blocks per instance (default: a share of free memory)")
+    p.add_argument("--num-threads", type=int, help="torch CPU threads per instance process "
+                   "(default: the cores shared out among the instances)")
     p.add_argument("--ttft-slo", type=float, help="seconds; a request is effective only "
                    "within it (counted in minicake:requests_effective)")
     p.add_argument("--tbt-slo", type=float, help="seconds, on the paper's TBT (mean of a "
