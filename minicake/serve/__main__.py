@@ -24,7 +24,8 @@ from minicake.serve.dashboard import Dashboard
 from minicake.serve.metrics import ServerMetrics
 
 ENGINE_FLAGS = ("model", "device", "dtype", "block_size", "max_num_seqs", "max_model_len",
-                "max_num_batched_tokens", "num_kv_blocks", "kv_pool_blocks")
+                "max_num_batched_tokens", "num_kv_blocks", "kv_pool_blocks",
+                "num_threads")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
