@@ -139,6 +139,10 @@ def holders(llm, prompt):
     return [index.holders.get(k, set()) for k in block_keys(prompt, BLOCK)]
 
 
+def rank_stats(llm, rank):
+    return next(s for s in llm.engine.cluster.stats() if s["rank"] == rank)
+
+
 def wait_for(condition, limit=10.0):
     deadline = time.monotonic() + limit
     while not condition():
@@ -160,15 +164,14 @@ def test_a_prefix_migrates_from_another_instances_pool_with_the_same_tokens(llm,
     llm.generate([tokens(60, seed=102)], GREEDY)
     believe_busy(llm, 1, 0)
     wait_for(lambda: all(h == {0} for h in holders(llm, a)))  # still held: in 0's host pool
-    stats = {s["rank"]: s for s in llm.engine.cluster.stats()}
-    assert stats[0]["kv_pool_blocks"] > 0
+    wait_for(lambda: rank_stats(llm, 0).get("kv_pool_blocks", 0) > 0)  # stats arrive a little later
     believe_busy(llm, 0, 1e6)  # the holder is busy: instance 1 pulls the prefix from it
     follow_up = a[:36] + tokens(8, seed=103)
     [out] = llm.generate([follow_up], GREEDY)
     believe_busy(llm, 0, 0)
     assert out.token_ids == colocated([follow_up])[0]
     assert out.num_cached_tokens == 36, "the 9 blocks came from instance 0 and were not recomputed"
-    wait_for(lambda: {s["rank"]: s for s in llm.engine.cluster.stats()}[1]["num_fetched_blocks"] == 9)
+    wait_for(lambda: rank_stats(llm, 1).get("num_fetched_blocks") == 9)
     wait_for(lambda: all(h == {0, 1} for h in holders(llm, follow_up)[:9]))  # the puller keeps them
 
 
@@ -197,7 +200,8 @@ def test_a_dead_prefill_instance_leaves_the_index_and_its_requests_abort(llm):
     wait_for(lambda: outs.extend(cluster.get_outputs(timeout=0.1)) or any(o.finished for o in outs), limit=20)
     [done] = [o for o in outs if o.finished]
     assert done.request_id == "doomed" and done.finish_reason == "abort" and "rank 1" in done.error
-    assert not any(1 in h for h in cluster.conductor.index.holders.values()), "its blocks left the index"
+    # the decode side may report the failed transfer before the parent sees the process gone
+    wait_for(lambda: not any(1 in h for h in cluster.conductor.index.holders.values()))  # its blocks left
     assert math.isinf(cluster.conductor.prefill[1].busy_until_s)
     believe_busy(llm, 0, 0)
     [out] = llm.generate([prompt], GREEDY)  # served by the survivor

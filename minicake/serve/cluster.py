@@ -90,7 +90,7 @@ class Cluster:
         threads = config.num_threads or max(1, (os.cpu_count() or 1) // n)
         configs = [replace(config, num_threads=threads,
                            device=f"cuda:{s.rank % torch.cuda.device_count()}" if cuda else "cpu",
-                           kv_pool_blocks=config.kv_pool_blocks if s.role != "decode" else 0)  # pools serve prefill
+                           kv_pool_blocks=config.kv_pool_blocks if _has_pool(s) else 0)
                    for s in self.specs]
         ends = make_pipes(mp.get_context("spawn"), [PARENT] + [s.rank for s in self.specs])
         self.procs = launch(run_instance, [(s, c, ends[s.rank]) for s, c in zip(self.specs, configs)],
@@ -285,6 +285,11 @@ class Cluster:
 
 def _aborted(request_id: str, num_prompt_tokens: int, error: str | None) -> StepOutput:
     return StepOutput(request_id, [], "", True, "abort", num_prompt_tokens, 0, error=error)
+
+
+def _has_pool(spec: InstanceSpec) -> bool:
+    """The host KV pool serves prefill, and follows one block manager: not in pipelined groups."""
+    return spec.role == "colocated" or (spec.role == "prefill" and len(spec.group_ranks) == 1)
 
 
 def _layout(num_prefill: int, num_decode: int, stages: int, colocated: bool) -> list[InstanceSpec]:

@@ -91,9 +91,6 @@ class PrefillInstance(Instance):
         if added or removed:
             self.mailbox.send(PARENT, HeldBlocks(self.rank, added, removed))
 
-    def stats(self) -> dict:
-        return {**self.engine.stats(), "num_fetched_blocks": self.fetcher.num_fetched_blocks if self.fetcher else 0}
-
     def work(self) -> None:
         for xfer_id, error in self.sender.poll():
             if xfer_id in self.dst_of:  # a failed migration send is the puller's to notice
@@ -114,7 +111,8 @@ class PrefillInstance(Instance):
             self._forward(hidden, residual, positions, meta, batch)
 
     def stats(self) -> dict:
-        return self.engine.stats() | {"kv_send_s": self.runner.send_s}
+        return self.engine.stats() | {"kv_send_s": self.runner.send_s,
+                                      "num_fetched_blocks": self.fetcher.num_fetched_blocks if self.fetcher else 0}
 
     def _heartbeat(self) -> None:
         """While computing, tell the decode instances once a second that this rank is alive:
