@@ -119,4 +119,5 @@ print(f"wrote {figure}")
 # - `minicake/sched/conductor.py`: `_predicted_batch` is the whole prediction, 10 lines.
 # - `python benchmarks/admission_overload.py --trace ../shared/traces/conversation_trace.jsonl
 #   --prefill 5 --decode 2 --tbt-slo 0.03 --plot overload.png`: the whole trace.
-# - Chapter 10 (`10_serving.py`): the same policies' names on the HTTP server.
+# - Chapter 10 (`10_serving.py`): the HTTP server, which runs these policies live with
+#   `--admission early|predictive --ttft-slo ... --tbt-slo ...`.

@@ -227,5 +227,6 @@ print(f"server exited with code {server.wait(timeout=60)}")
 # - `README.md`, "Serving": every flag and endpoint.
 # - `benchmarks/serving.py`: colocated against 1 prefill + 1 decode through this server, on
 #   the same requests.
-# - Back to chapter 8: in a Mooncake cluster the Conductor, not round-robin, would pick the
-#   instances behind this API.
+# - `--prefill 2 --decode 1 --admission predictive --ttft-slo 5 --tbt-slo 0.5`: chapters 6,
+#   8 and 9 behind this API; the cluster asks the Conductor (`minicake/sched/live.py`) where
+#   each request runs, and a refused request gets HTTP 429 with `Retry-After`.
