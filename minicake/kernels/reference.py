@@ -77,9 +77,8 @@ def _decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale):
     scores = torch.bmm(q.float() * scale, k.float().transpose(1, 2))  # [num_seqs, num_q_heads, max_len * num_kv_heads]
     kv_head_of = torch.arange(num_q_heads, device=q.device) // (num_q_heads // num_kv_heads)
     wrong_head = kv_head_of[:, None] != torch.arange(num_kv_heads, device=q.device)[None, :]  # [num_q_heads, num_kv_heads]
-    by_head = scores.view(num_seqs, num_q_heads, -1, num_kv_heads)  # [num_seqs, num_q_heads, max_len, num_kv_heads]
-    by_head.masked_fill_(wrong_head[None, :, None, :], float("-inf"))
-    by_head.masked_fill_(past_end[:, None, :, None], float("-inf"))
+    hidden = past_end[:, None, :, None] | wrong_head[None, :, None, :]  # [num_seqs, num_q_heads, max_len, num_kv_heads]
+    scores.view(hidden.shape).masked_fill_(hidden, float("-inf"))  # one pass: cheaper than two broadcast fills
     v = v_cache.view(-1, num_kv_heads * head_dim).index_select(0, slots).view(num_seqs, -1, head_dim)
     return torch.bmm(scores.softmax(dim=-1), v.float()).to(q.dtype)  # [num_seqs, num_q_heads, head_dim]
 
