@@ -238,6 +238,21 @@ def test_metrics_parse_and_counters_move_with_a_request(colocated):
     assert queries and queries[0] > 0
 
 
+def test_admission_control_refusal_is_429_with_retry_after(checkpoint):
+    # SLOs no prediction can meet: the Conductor's early rejection refuses every request
+    server = ServerProcess("--model", str(checkpoint), *ENGINE_FLAGS, "--admission", "early",
+                           "--ttft-slo", "1e-9", "--tbt-slo", "1e-9")
+    try:
+        with pytest.raises(openai.RateLimitError) as e:
+            client(server).completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=4)
+        assert e.value.status_code == 429 and e.value.body["type"] == "rate_limit_error"
+        assert int(e.value.response.headers["retry-after"]) >= 1
+        assert "rejected by admission control" in e.value.body["message"]
+        assert server.metrics()[("minicake:requests_rejected_total", ())] == 1
+    finally:
+        assert server.stop() == 0
+
+
 def test_a_dead_instance_fails_its_stream_then_sigterm_still_ends_every_process(
         no_template_checkpoint):
     server = ServerProcess("--model", str(no_template_checkpoint), *ENGINE_FLAGS)  # 1P + 1D
