@@ -53,6 +53,26 @@ class StepOutput:
     error: str | None = None  # why an aborted request failed (a dead instance, a timeout)
 
 
+def check_request(request_id: str, prompt: list[int], params: SamplingParams, vocab_size: int,
+                  max_model_len: int, block_size: int, num_blocks: int) -> None:
+    """Raise ValueError naming what is wrong if the request can never run on a cache of
+    `num_blocks` blocks. The engine and the cluster (before any process sees it) both call it."""
+    if not isinstance(params, SamplingParams):
+        raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+    if len(prompt) == 0:
+        raise ValueError(f"request {request_id!r}: the prompt is empty")
+    if not all(isinstance(t, int) and 0 <= t < vocab_size for t in prompt):
+        raise ValueError(f"request {request_id!r}: prompt token ids must be integers in [0, {vocab_size})")
+    n = len(prompt)
+    if n >= max_model_len:
+        raise ValueError(f"request {request_id!r}: the prompt has {n} tokens but max_model_len is "
+                         f"{max_model_len} (at least one token must be left to generate)")
+    needed = -(-min(n + params.max_tokens, max_model_len) // block_size)
+    if needed > num_blocks:
+        raise ValueError(f"request {request_id!r}: {n} prompt tokens + max_tokens={params.max_tokens} need "
+                         f"{needed} KV blocks of {block_size} tokens, but the cache has only {num_blocks}")
+
+
 class Engine:
     def __init__(self, config: EngineConfig | None = None):
         self.config = config = config or EngineConfig()
@@ -94,23 +114,8 @@ class Engine:
         """Queue a request; raises ValueError, having changed nothing, if it can never run."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
-        if len(prompt_token_ids) == 0:
-            raise ValueError(f"request {request_id!r}: the prompt is empty")
-        vocab = self.model_config.vocab_size
-        if not all(isinstance(t, int) and 0 <= t < vocab for t in prompt_token_ids):
-            raise ValueError(f"request {request_id!r}: prompt token ids must be integers in [0, {vocab})")
-        n = len(prompt_token_ids)
-        if n >= self.max_model_len:
-            raise ValueError(f"request {request_id!r}: the prompt has {n} tokens but max_model_len is "
-                             f"{self.max_model_len} (at least one token must be left to generate)")
-        max_len = min(n + params.max_tokens, self.max_model_len)
-        needed = self.block_manager.blocks_needed(max_len)
-        if needed > self.block_manager.num_blocks:
-            raise ValueError(f"request {request_id!r}: {n} prompt tokens + max_tokens={params.max_tokens} need "
-                             f"{needed} KV blocks of {self.config.block_size} tokens, but the cache has only "
-                             f"{self.block_manager.num_blocks}")
+        check_request(request_id, prompt_token_ids, params, self.model_config.vocab_size, self.max_model_len,
+                      self.config.block_size, self.block_manager.num_blocks)
         seq = Sequence(request_id, prompt_token_ids, params)
         self.requests[request_id] = RequestState(seq, IncrementalDetokenizer(self.tokenizer))
         self.scheduler.add(seq)

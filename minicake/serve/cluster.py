@@ -21,7 +21,7 @@ import torch
 import torch.multiprocessing as mp
 
 from minicake.config import EngineConfig
-from minicake.engine import StepOutput
+from minicake.engine import StepOutput, check_request
 from minicake.model.config import ModelConfig
 from minicake.model.loader import resolve_model
 from minicake.model.tokenizer import Tokenizer
@@ -185,23 +185,8 @@ class Cluster:
     def _validate(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
-        if len(prompt) == 0:
-            raise ValueError(f"request {request_id!r}: the prompt is empty")
-        vocab = self.model_config.vocab_size
-        if not all(isinstance(t, int) and 0 <= t < vocab for t in prompt):
-            raise ValueError(f"request {request_id!r}: prompt token ids must be integers in [0, {vocab})")
-        n = len(prompt)
-        if n >= self.max_model_len:
-            raise ValueError(f"request {request_id!r}: the prompt has {n} tokens but max_model_len is "
-                             f"{self.max_model_len} (at least one token must be left to generate)")
-        needed = -(-min(n + params.max_tokens, self.max_model_len) // self.config.block_size)
-        smallest = min(self._num_blocks.values())
-        if needed > smallest:
-            raise ValueError(f"request {request_id!r}: {n} prompt tokens + max_tokens={params.max_tokens} need "
-                             f"{needed} KV blocks of {self.config.block_size} tokens, but the cache has only "
-                             f"{smallest}")
+        check_request(request_id, prompt, params, self.model_config.vocab_size, self.max_model_len,
+                      self.config.block_size, min(self._num_blocks.values()))
 
     def abort_request(self, request_id: str) -> None:
         """Free the request's blocks on every instance; get_outputs reports it finished with "abort"."""
