@@ -4,8 +4,10 @@ Three clusters of the tiny Llama checkpoint are started once for the module (pro
 is slow on a small CPU): one colocated engine, 1 prefill + 1 decode, and a 2-stage pipelined
 prefill group + 1 decode. Chunks are 32 tokens and blocks 4 tokens, so prompts span several
 chunks, and a prompt that shares a prefix with an earlier one finds it cached on both sides.
+The 1P+1D cluster runs at most 2 sequences at once, so a batch of 5 waits for room.
 """
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -61,7 +63,7 @@ def clusters(tiny_checkpoint):
     started = {}
     try:
         started["colocated"] = Cluster(config, colocated=True)
-        started["1P+1D"] = Cluster(config, prefill_instances=1, decode_instances=1)
+        started["1P+1D"] = Cluster(replace(config, max_num_seqs=2), prefill_instances=1, decode_instances=1)
         started["2-stage+1D"] = Cluster(config, pipeline_stages=2)
         yield started
     finally:
@@ -94,6 +96,30 @@ def test_seeded_sampling_continues_on_the_decode_instance(clusters):
     batch = {"s-0": prompts()[2]}
     expected = run(clusters["colocated"], batch, params)
     assert run(clusters["1P+1D"], batch, params)["s-0"][0] == expected["s-0"][0]
+
+
+def test_the_decode_instance_runs_at_most_max_num_seqs_requests(clusters):
+    cluster, params = clusters["1P+1D"], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    assert cluster.config.max_num_seqs == 2
+    batch = {f"m-{i}": p for i, p in enumerate(prompts()[:4])}
+    for request_id, prompt in batch.items():
+        cluster.add_request(request_id, prompt, params)
+    tokens, decoding, finished = {rid: [] for rid in batch}, set(), set()
+    most_decoding = most_running = 0
+    deadline = time.monotonic() + 60
+    while finished != set(batch):
+        assert time.monotonic() < deadline, f"only {sorted(finished)} finished within 60s"
+        for out in cluster.get_outputs(timeout=0.2):  # in the order the decode instance emitted them
+            tokens[out.request_id] += out.new_token_ids
+            decoding.add(out.request_id)  # from its first token on
+            most_decoding = max(most_decoding, len(decoding))
+            if out.finished:
+                decoding.discard(out.request_id)
+                finished.add(out.request_id)
+        most_running = max(most_running, next(s for s in cluster.stats() if s["role"] == "decode")["num_running"])
+    assert most_decoding <= 2 and most_running <= 2, "the others waited with their K/V received"
+    expected = run(clusters["colocated"], batch, params)
+    assert tokens == {rid: t for rid, (t, _, _) in expected.items()}
 
 
 def test_decode_instance_keeps_prompt_blocks_and_receives_only_the_missing_ones(clusters):

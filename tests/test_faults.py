@@ -38,12 +38,23 @@ def wait_finished(cluster: Cluster, request_ids: set[str], limit: float) -> dict
     return finished
 
 
-def start(tiny_checkpoint) -> Cluster:
-    return Cluster(tiny_config(tiny_checkpoint("llama"), kv_transfer_timeout=TIMEOUT_S))
+def wait_until(condition, limit: float, what: str) -> None:
+    deadline = time.monotonic() + limit
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} within {limit}s"
+        time.sleep(0.05)
 
 
-def rank_pid(cluster: Cluster, role: str) -> int:
-    return next(p.pid for s, p in zip(cluster.specs, cluster.procs) if s.role == role)
+def start(tiny_checkpoint, timeout: float = TIMEOUT_S, pipeline_stages: int = 1) -> Cluster:
+    return Cluster(tiny_config(tiny_checkpoint("llama"), kv_transfer_timeout=timeout), pipeline_stages=pipeline_stages)
+
+
+def rank_pid(cluster: Cluster, role: str, stage: int = 0) -> int:
+    return next(p.pid for s, p in zip(cluster.specs, cluster.procs) if s.role == role and s.stage == stage)
+
+
+def decode_stats(cluster: Cluster) -> dict:
+    return next(s for s in cluster.stats() if s["role"] == "decode")
 
 
 def test_killing_the_decode_instance_mid_generation_aborts_its_requests(tiny_checkpoint):
@@ -67,25 +78,37 @@ def test_killing_the_decode_instance_mid_generation_aborts_its_requests(tiny_che
     assert not any(pid_alive(p.pid) for p in cluster.procs)
 
 
-def test_killing_the_prefill_instance_mid_transfer_frees_the_reserved_blocks(tiny_checkpoint):
-    with start(tiny_checkpoint) as cluster:
-        prefill_pid = rank_pid(cluster, "prefill")
-        os.kill(prefill_pid, signal.SIGSTOP)  # frozen: the decode side reserves and waits for K/V
-        params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
-        for i, p in enumerate(prompts()):
-            cluster.add_request(f"r{i}", p, params)
-        deadline = time.monotonic() + 10
-        while next(s for s in cluster.stats() if s["role"] == "decode").get("num_receiving", 0) < len(prompts()):
-            assert time.monotonic() < deadline, "the decode instance never reserved the blocks"
-            time.sleep(0.05)
-        os.kill(prefill_pid, signal.SIGKILL)
-        finished = wait_finished(cluster, {f"r{i}" for i in range(len(prompts()))}, limit=TIMEOUT_S + 5)
-        assert {o.finish_reason for o in finished.values()} == {"abort"}
-        # the parent sees the death, or the decode side sees the K/V stream break: either names rank 0
-        assert all("rank 0" in o.error for o in finished.values()), [o.error for o in finished.values()]
-        decode = next(s for s in settled_stats(cluster) if s["role"] == "decode")
-        assert decode["num_free_blocks"] == decode["num_blocks"], "no block leaked on the survivor"
-        assert decode["num_receiving"] == 0
+def test_killing_a_prefill_stage_mid_transfer_aborts_the_request_and_frees_the_reserved_blocks(tiny_checkpoint):
+    # Two stages of one layer each. Stage 1 is frozen, so the decode instance receives all of
+    # layer 0's K/V (from stage 0) and none of layer 1's; then stage 1 is killed. The long
+    # transfer timeout shows that the death itself, not a timeout, ends the request.
+    with start(tiny_checkpoint, timeout=60.0, pipeline_stages=2) as cluster:
+        stage1_pid = rank_pid(cluster, "prefill", stage=1)
+        os.kill(stage1_pid, signal.SIGSTOP)
+        prompt = prompts()[3][:32]  # one chunk: stage 0 runs it once and never waits on stage 1
+        cluster.add_request("r", prompt, SamplingParams(temperature=0, max_tokens=5))
+        layer0_blocks = len(prompt) // cluster.config.block_size
+        wait_until(lambda: decode_stats(cluster).get("num_received_blocks", 0) >= layer0_blocks, 30,
+                   "layer 0's K/V reaches the decode instance")
+        assert decode_stats(cluster)["num_receiving"] == 1, "layer 1 is still missing"
+        os.kill(stage1_pid, signal.SIGKILL)
+        killed = time.monotonic()
+        out = wait_finished(cluster, {"r"}, limit=10)["r"]
+        assert time.monotonic() - killed < 10
+        # the parent sees the death, or the decode side sees the K/V stream break: either names rank 1
+        assert out.finish_reason == "abort" and "rank 1" in out.error, out.error
+        wait_until(lambda: not cluster.is_healthy(), 10, "the parent notices the death")
+        stats = settled_stats(cluster)
+        assert [s["alive"] for s in stats] == [True, False, True], "stage 0 and the decode instance survive"
+        decode = stats[2]
+        assert decode["num_received_blocks"] == layer0_blocks, "nothing of layer 1 arrived"
+        assert decode["num_free_blocks"] == decode["num_blocks"] and decode["kv_usage"] == 0.0, "no block leaked"
+        assert decode["num_running"] == decode["num_receiving"] == 0
+        cluster.add_request("after", prompts()[0], SamplingParams(max_tokens=5))  # its group is broken
+        assert "rank 1" in wait_finished(cluster, {"after"}, limit=5)["after"].error
+        closing = time.monotonic()
+    assert time.monotonic() - closing < 15, "close() returns in bounded time"
+    assert not any(pid_alive(p.pid) for p in cluster.procs)
 
 
 def test_a_silent_prefill_instance_times_out_the_transfer(tiny_checkpoint):

@@ -103,6 +103,7 @@ class KVReceiver:
         self.arrived: queue.SimpleQueue = queue.SimpleQueue()  # (src, header list, payload | error text)
         self.last_progress = {src: time.monotonic() for src in sources}
         self.errors: dict[int, str] = {}
+        self.num_received_blocks = 0  # (layer, block) pairs stored into reserved blocks, ever
         for src in sources:
             threading.Thread(target=self._receive_stream, args=(src,), name=f"kv-recv-{src}", daemon=True).start()
 
@@ -172,3 +173,4 @@ class KVReceiver:
         self.k_caches[layer][idx] = payload[0]
         self.v_caches[layer][idx] = payload[1]
         exp.remaining -= num_blocks
+        self.num_received_blocks += num_blocks

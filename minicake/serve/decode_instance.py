@@ -4,8 +4,8 @@ A new request first reserves every block its prompt needs (DESIGN.md 2, step 3),
 the blocks of a prefix this instance already holds, and only then asks its prefill group to
 start, saying which blocks not to send. When all layers have arrived and the last prefill
 stage sent the first token, the sequence joins the engine's running batch as if it had been
-prefilled here, and the ordinary `Engine.step()` decodes it. A failed or silent transfer
-aborts only its own request, with the reason.
+prefilled here, as soon as fewer than `max_num_seqs` run, and the ordinary `Engine.step()`
+decodes it. A failed or silent transfer aborts only its own request, with the reason.
 """
 import time
 from collections import deque
@@ -62,7 +62,9 @@ class DecodeInstance(Instance):
         self.kv_complete.update(done)
         for xfer_id, error in failed:
             self._fail(xfer_id, error)
-        for xfer_id in [x for x in self.kv_complete if x in self.prefilled]:
+        for xfer_id in [x for x in self.receiving if x in self.kv_complete and x in self.prefilled]:
+            if len(self.engine.scheduler.running) >= self.engine.config.max_num_seqs:
+                break  # the batch is full: the rest wait, oldest first, until a request finishes
             self._start_decoding(xfer_id)
         if self.engine.has_unfinished_requests():
             self.emit(self.engine.step())
@@ -139,4 +141,5 @@ class DecodeInstance(Instance):
         stats["num_waiting"] += len(self.to_reserve) + len(self.receiving)
         stats["num_receiving"] = len(self.receiving)
         stats["kv_wait_s"], stats["num_transfers"] = self.kv_wait_s, self.num_transfers
+        stats["num_received_blocks"] = self.receiver.num_received_blocks
         return stats
