@@ -150,6 +150,7 @@ def test_abort_frees_the_request_on_every_instance(clusters):
 def test_every_block_is_free_after_the_requests_finish(clusters):
     for name, cluster in clusters.items():
         stats = settled_stats(cluster)
+        assert all(s["num_blocks"] > 0 for s in stats), f"{name}: every instance reported its stats"
         assert [s["num_free_blocks"] for s in stats] == [s["num_blocks"] for s in stats], name
         assert cluster.is_healthy() and all(s["alive"] for s in stats)
 
