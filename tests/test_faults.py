@@ -112,6 +112,27 @@ def test_killing_a_prefill_stage_mid_transfer_aborts_the_request_and_frees_the_r
     assert not any(pid_alive(p.pid) for p in cluster.procs)
 
 
+def test_a_frozen_next_stage_aborts_a_multi_chunk_prompt_and_stage_0_survives(tiny_checkpoint):
+    # 90 tokens in chunks of 32: stage 0 sends chunk 0's hidden states to the frozen stage 1,
+    # then waits on that send before chunk 1's and times out. Only the request fails.
+    with start(tiny_checkpoint, pipeline_stages=2) as cluster:
+        stage1_pid = rank_pid(cluster, "prefill", stage=1)
+        os.kill(stage1_pid, signal.SIGSTOP)
+        cluster.add_request("r", prompts()[3], SamplingParams(temperature=0, max_tokens=5))
+        out = wait_finished(cluster, {"r"}, limit=TIMEOUT_S + 10)["r"]
+        # stage 0's hidden-state send or the decode side's silence clock, whichever ends first
+        assert out.finish_reason == "abort" and f"{TIMEOUT_S:g}s" in out.error, out.error
+        assert "rank 1" in out.error or "ranks [0, 1]" in out.error, out.error
+        wait_until(lambda: cluster.stats()[0]["num_free_blocks"] == cluster.stats()[0]["num_blocks"] > 0, 10,
+                   "stage 0 frees the request's blocks")
+        stage0, decode = cluster.stats()[0], decode_stats(cluster)
+        assert stage0["alive"] and cluster.is_healthy(), "stage 0 survives: no instance crashed"
+        wait_until(lambda: decode_stats(cluster)["num_free_blocks"] == decode["num_blocks"], 5, "no block leaked")
+        os.kill(stage1_pid, signal.SIGKILL)  # a thawed stage 1 would be out of step with stage 0
+        closing = time.monotonic()
+    assert time.monotonic() - closing < 15, "close() returns in bounded time"
+
+
 def test_a_silent_prefill_instance_times_out_the_transfer(tiny_checkpoint):
     with start(tiny_checkpoint) as cluster:
         prefill_pid = rank_pid(cluster, "prefill")

@@ -21,6 +21,11 @@ from minicake.model.attention import AttentionMetadata
 HIDDEN_TAG = 3  # hidden states between neighbour stages
 
 
+class NeighbourFailed(Exception):
+    """A hidden-state send or receive toward a neighbour stage failed or timed out: the
+    requests of the step are aborted, the stage itself goes on."""
+
+
 def stage_layers(num_layers: int, num_stages: int, stage: int) -> range:
     """The contiguous layers of one stage; the first stages take one more when it does not divide."""
     assert 0 <= stage < num_stages <= num_layers, f"stage {stage} of {num_stages} over {num_layers} layers"
@@ -107,10 +112,15 @@ class StageRunner:
 
     def send_hidden(self, hidden, residual, dst: int) -> None:
         """Pass the activations to the next stage; waits only for the previous batch's send,
-        which keeps at most two batches between neighbours."""
-        self._wait_hidden_sends()
-        payload = torch.stack((hidden, residual)).contiguous()  # [2, num_tokens, hidden_size]
-        self.hidden_sends.append(([dist.isend(payload, dst, tag=HIDDEN_TAG)], payload))
+        which keeps at most two batches between neighbours. A dead or silent next stage raises
+        NeighbourFailed."""
+        try:
+            self._wait_hidden_sends()
+            payload = torch.stack((hidden, residual)).contiguous()  # [2, num_tokens, hidden_size]
+            self.hidden_sends.append(([dist.isend(payload, dst, tag=HIDDEN_TAG)], payload))
+        except RuntimeError as e:  # a dead or silent next stage
+            self.hidden_sends = []
+            raise NeighbourFailed(f"hidden-state send to rank {dst} failed (timeout {self.timeout:g}s): {e}") from e
 
     def _wait_hidden_sends(self) -> None:
         for works, _ in self.hidden_sends:
@@ -120,5 +130,9 @@ class StageRunner:
 
     def recv_hidden(self, num_tokens: int, hidden_size: int, dtype, device, src: int):
         payload = torch.empty((2, num_tokens, hidden_size), dtype=dtype, device=device)
-        dist.irecv(payload, src, tag=HIDDEN_TAG).wait(timeout=timedelta(seconds=self.timeout))
+        try:
+            dist.irecv(payload, src, tag=HIDDEN_TAG).wait(timeout=timedelta(seconds=self.timeout))
+        except RuntimeError as e:  # a dead or silent previous stage
+            raise NeighbourFailed(f"hidden-state receive from rank {src} failed "
+                                  f"(timeout {self.timeout:g}s): {e}") from e
         return payload[0], payload[1]

@@ -21,7 +21,7 @@ from minicake.sched.live import HeldKeys
 from minicake.sched.sequence import Sequence
 from minicake.serve.instance import Instance
 from minicake.serve.messages import PARENT, Abort, Heartbeat, HeldBlocks, Prefill, Prefilled, PrefillFailed
-from minicake.serve.pipeline import SampleRow, SendPlan, StageBatch, StageRunner, stage_layers
+from minicake.serve.pipeline import NeighbourFailed, SampleRow, SendPlan, StageBatch, StageRunner, stage_layers
 
 HEARTBEAT_S = 1.0
 
@@ -105,10 +105,14 @@ class PrefillInstance(Instance):
         elif self.batches:
             batch = self.batches.popleft()
             positions, meta = batch.tensors(self.engine.device)
-            hidden, residual = self.runner.recv_hidden(len(batch.positions), self.engine.model_config.hidden_size,
-                                                       self.engine.kv_caches[0][0].dtype, self.engine.device,
-                                                       src=self.group[self.stage - 1])
-            self._forward(hidden, residual, positions, meta, batch)
+            try:
+                hidden, residual = self.runner.recv_hidden(len(batch.positions), self.engine.model_config.hidden_size,
+                                                           self.engine.kv_caches[0][0].dtype, self.engine.device,
+                                                           src=self.group[self.stage - 1])
+                self._forward(hidden, residual, positions, meta, batch)
+            except NeighbourFailed as e:  # the requests of this batch fail like a failed K/V send
+                for xfer_id, dst in {(s.xfer_id, s.dst) for s in batch.sends + batch.samples}:
+                    self.mailbox.send(dst, PrefillFailed(xfer_id, str(e)))
 
     def stats(self) -> dict:
         return self.engine.stats() | {"kv_send_s": self.runner.send_s,
@@ -130,8 +134,21 @@ class PrefillInstance(Instance):
         batch = self._describe(seqs, positions, meta)
         with torch.inference_mode():
             hidden = self.engine.model.embed(input_ids)  # [num_tokens, hidden_size]
-        self._forward(hidden, None, positions, meta, batch)
+        try:
+            self._forward(hidden, None, positions, meta, batch)
+        except NeighbourFailed as e:
+            self._abort_step(seqs, str(e))
+            return
         self._advance(seqs)
+
+    def _abort_step(self, seqs: list[Sequence], error: str) -> None:
+        """The next stage failed: the step's requests free their blocks here and fail on their
+        decode instances the way a failed K/V send does (PrefillFailed)."""
+        for seq in seqs:
+            prefill = self.requests.pop(seq.request_id)[1]
+            del self.sent_blocks[seq.request_id]
+            self.engine.scheduler.finish(seq, "abort")
+            self.mailbox.send(prefill.decode_rank, PrefillFailed(prefill.xfer_id, error))
 
     def _describe(self, seqs: list[Sequence], positions, meta) -> StageBatch:
         """The step as a StageBatch: the blocks each request completes now are sent."""
