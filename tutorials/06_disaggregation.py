@@ -37,7 +37,7 @@ import time
 import torch
 
 from minicake.config import EngineConfig
-from minicake.engine import Engine
+from minicake.llm import LLM
 from minicake.sampling import SamplingParams
 from minicake.serve.cluster import Cluster
 
@@ -103,13 +103,8 @@ if __name__ == "__main__":
     tok = clusters["layer-wise"].tokenizer
     prompt = tok.encode("The three primary colours are red, yellow and")
     greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-    engine = Engine(config)
-    engine.add_request("ref", prompt, greedy)
-    reference = []
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            reference += out.new_token_ids
-    del engine
+    # the in-process engine behind the offline API, with the clusters' settings
+    reference = LLM(**vars(config)).generate([prompt], greedy, use_tqdm=False)[0].token_ids
     for name, cluster in clusters.items():
         tokens, _ = generate(cluster, f"check-{name}", prompt, greedy)
         assert tokens == reference, (name, tokens, reference)

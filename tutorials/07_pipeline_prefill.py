@@ -27,7 +27,7 @@ import time
 import torch
 
 from minicake.config import EngineConfig
-from minicake.engine import Engine
+from minicake.llm import LLM
 from minicake.sampling import SamplingParams
 from minicake.serve.cluster import Cluster
 from minicake.serve.pipeline import stage_layers
@@ -89,13 +89,8 @@ if __name__ == "__main__":
     mc = clusters["1 stage"].model_config
     prompt = clusters["1 stage"].tokenizer.encode("Once upon a time, " * 60)[:300]
     greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
-    engine = Engine(config)
-    engine.add_request("ref", prompt, greedy)
-    reference = []
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            reference += out.new_token_ids
-    del engine
+    # the in-process engine behind the offline API, with the clusters' settings
+    reference = LLM(**vars(config)).generate([prompt], greedy, use_tqdm=False)[0].token_ids
     for name, cluster in clusters.items():
         tokens, _ = generate(cluster, f"check-{name}", prompt, greedy)
         assert tokens == reference, (name, tokens, reference)
