@@ -1,6 +1,8 @@
 """Plain-torch paged attention and KV store: the CPU path and the oracle of the kernel tests.
 
-Same signatures as the Triton kernels in `paged_attention.py` and `store_kv.py`. The KV
+Same signatures as the Triton kernels in `paged_attention.py` and `store_kv.py`. On the CPU
+the engine hands the decode tokens to the C kernel of `cpu_decode_attention.py` when it
+builds (it reads K/V in place; the gather here copies them), and prefill stays here. The KV
 cache is paged: per layer `[num_blocks, block_size, num_kv_heads, head_dim]`, and a
 sequence's block table lists the blocks that hold its tokens in order.
 """
@@ -24,7 +26,8 @@ def store_kv_ref(k, v, k_cache, v_cache, slot_mapping):
     v_cache.view(-1, row).index_copy_(0, slots, v[keep].reshape(-1, row).to(v_cache.dtype))
 
 
-def paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale=None):
+def paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale=None,
+                        decode_attention=None):
     """Causal attention of each sequence's new tokens over its whole cached sequence.
 
     q: [num_tokens, num_q_heads, head_dim], the new tokens of all sequences concatenated
@@ -32,26 +35,39 @@ def paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start
     block_tables: [num_seqs, max_blocks_per_seq] int32
     seq_lens: [num_seqs] int32, cached context + new tokens, all already in the cache
     query_start_loc: [num_seqs + 1] int32, cumulative counts of new tokens
+    decode_attention: what attends the one-token sequences (default `decode_attention_ref`;
+    the engine passes the C kernel of `cpu_decode_attention.py`)
     returns [num_tokens, num_q_heads, head_dim]; new token i of sequence s sits at position
     seq_lens[s] - q_len_s + i and sees cache positions 0..that position.
     """
     head_dim = q.shape[-1]
     scale = head_dim ** -0.5 if scale is None else scale
+    decode_attention = decode_attention or decode_attention_ref
     out = torch.empty_like(q)
     starts, lens = query_start_loc.tolist(), seq_lens.tolist()
     q_lens = [starts[s + 1] - starts[s] for s in range(len(lens))]
     decodes = [s for s, n in enumerate(q_lens) if n == 1]
-    # decodes (one new token each) batched, in groups of similar length so that little is padded
-    decodes.sort(key=lambda s: lens[s])
-    for i in range(0, len(decodes), DECODE_GROUP):
-        group = decodes[i:i + DECODE_GROUP]
-        rows = query_start_loc[group].long()  # the one token of each decode
-        out[rows] = _decode_attention(q[rows], k_cache, v_cache, block_tables[group], seq_lens[group], scale)
+    if decodes:  # all decodes (one new token each) in one call
+        rows = query_start_loc[decodes].long()  # the one token of each decode
+        out[rows] = decode_attention(q[rows], k_cache, v_cache, block_tables[decodes], seq_lens[decodes], scale)
     # prefill chunks one sequence at a time
     for s, seq_len in enumerate(lens):
         if q_lens[s] > 1:
             out[starts[s]:starts[s + 1]] = _prefill_attention(
                 q[starts[s]:starts[s + 1]], k_cache, v_cache, block_tables[s], seq_len, scale)
+    return out
+
+
+def decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale):
+    """One new token per sequence. q: [num_seqs, num_q_heads, head_dim], returns the same shape.
+
+    Batched in groups of similar length (sorted), so that a group pads little and stays in cache.
+    """
+    out = torch.empty_like(q)
+    order = seq_lens.argsort().tolist()
+    for i in range(0, len(order), DECODE_GROUP):
+        group = order[i:i + DECODE_GROUP]
+        out[group] = _decode_attention(q[group], k_cache, v_cache, block_tables[group], seq_lens[group], scale)
     return out
 
 

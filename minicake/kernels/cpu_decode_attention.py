@@ -1,0 +1,79 @@
+"""The CPU decode-attention kernel (`cpu_decode_attention.c`): built once, called through ctypes.
+
+On the first call the C file is compiled with the system C compiler (`$CC`, default `cc`)
+into `$MINICAKE_CACHE/kernels/`, under a name that hashes the source and the flags, and
+loaded with ctypes; no torch headers, so the build takes about a second. Where there is
+no compiler (or the build fails) a warning says so once and the torch reference
+(`reference.decode_attention_ref`) does the work instead: slower, same numbers.
+"""
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from minicake.model.bundled import cache_dir
+
+logger = logging.getLogger("minicake")
+SOURCE = Path(__file__).with_suffix(".c")
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
+BUILD_TIMEOUT_S = 120
+_library = None  # the loaded ctypes library; False once a build failed
+
+
+def _build() -> Path:
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join(FLAGS + [platform.machine()]).encode()).hexdigest()[:16]
+    target = cache_dir() / "kernels" / f"cpu_decode_attention-{key}.so"
+    if not target.is_file():
+        target.parent.mkdir(exist_ok=True)
+        logger.info("building the CPU decode-attention kernel into %s", target)
+        # build beside the target and rename: processes starting together never load half a file
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            built = Path(tmp) / target.name
+            cmd = [os.environ.get("CC", "cc"), *FLAGS, str(SOURCE), "-o", str(built), "-lm"]
+            subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+            os.replace(built, target)
+    return target
+
+
+def library():
+    """The loaded kernel, or None where it cannot be built here."""
+    global _library
+    if _library is None:
+        try:
+            _library = ctypes.CDLL(str(_build()))
+        except (OSError, subprocess.SubprocessError) as e:
+            detail = getattr(e, "stderr", "") or e
+            logger.warning("no C compiler build of %s (%s); decode attention uses the slower torch "
+                           "reference", SOURCE.name, str(detail).strip()[-300:])
+            _library = False
+    return _library or None
+
+
+def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale):
+    """Same contract as `reference.decode_attention_ref` (float32 CPU tensors only).
+
+    q: [num_seqs, num_q_heads, head_dim], one new token per sequence, already in the cache;
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim];
+    block_tables: [num_seqs, max_blocks] int32; seq_lens: [num_seqs] int32.
+    Returns [num_seqs, num_q_heads, head_dim].
+    """
+    assert q.dtype == k_cache.dtype == v_cache.dtype == torch.float32 and q.device.type == "cpu"
+    assert k_cache.is_contiguous() and v_cache.is_contiguous()
+    num_seqs, num_q_heads, head_dim = q.shape
+    q = q.contiguous()
+    block_tables = block_tables.to(torch.int32).contiguous()
+    seq_lens = seq_lens.to(torch.int32).contiguous()
+    out = torch.empty_like(q)
+    ptr = ctypes.c_void_p
+    library().paged_decode_attention(
+        ptr(q.data_ptr()), ptr(k_cache.data_ptr()), ptr(v_cache.data_ptr()), ptr(block_tables.data_ptr()),
+        ptr(seq_lens.data_ptr()), ptr(out.data_ptr()), num_seqs, block_tables.shape[1], num_q_heads,
+        k_cache.shape[2], head_dim, k_cache.shape[1], ctypes.c_float(scale), torch.get_num_threads())
+    return out
