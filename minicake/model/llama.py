@@ -6,11 +6,14 @@ head to the embedding. Every step sees all sequences' new tokens concatenated (n
 no batch dimension) and attends through the one paged `attention` call, so prefill chunks
 and decode tokens share a batch. The layers are exposed one by one (`embed`, `layers`,
 `final_norm`) so a prefill instance can act after each layer (DESIGN.md 4.5, 4.6).
+`Linear` is nn.Linear with a faster product for the few rows of a small decode batch on
+the CPU (kernels/cpu_kernels.py).
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minicake.kernels.cpu_kernels import Linear, linear
 from minicake.model.attention import AttentionMetadata, attention
 from minicake.model.config import ModelConfig
 from minicake.model.rope import RotaryEmbedding
@@ -27,9 +30,7 @@ class RMSNorm(nn.Module):
     def forward(self, x, residual=None):
         if residual is not None:
             x = residual = x + residual
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        out = self.weight * x32.to(x.dtype)
+        out = self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
         return out if residual is None else (out, residual)
 
 
@@ -40,11 +41,11 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         hidden, q_size, kv_size = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         bias = config.attention_bias
-        self.q_proj = nn.Linear(hidden, q_size, bias=bias)
-        self.k_proj = nn.Linear(hidden, kv_size, bias=bias)
-        self.v_proj = nn.Linear(hidden, kv_size, bias=bias)
+        self.q_proj = Linear(hidden, q_size, bias=bias)
+        self.k_proj = Linear(hidden, kv_size, bias=bias)
+        self.v_proj = Linear(hidden, kv_size, bias=bias)
         # Llama/Qwen3 put the attention bias on o_proj too; Qwen2 only on q/k/v
-        self.o_proj = nn.Linear(q_size, hidden, bias=bias and config.architecture != "Qwen2ForCausalLM")
+        self.o_proj = Linear(q_size, hidden, bias=bias and config.architecture != "Qwen2ForCausalLM")
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -67,9 +68,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -107,7 +108,7 @@ class CausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, rotary) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = None if config.tie_word_embeddings else \
-            nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def embed(self, input_ids):
         return self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
@@ -127,4 +128,4 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden):
         """hidden: [n, hidden_size] (only the rows to sample from) -> [n, vocab_size] float32."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        return linear(hidden, weight).float()

@@ -36,6 +36,7 @@ class RotaryEmbedding(nn.Module):
         self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
         self.max_positions = max_positions
         self._cos_sin = None  # [max_positions, head_dim] each, float32, on the model's device
+        self._step = (None, None)  # (positions, its cos/sin): every layer of a step asks for the same rows
 
     def _table(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._cos_sin is None or self._cos_sin[0].device != device:
@@ -48,9 +49,12 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions, q, k):
         """positions: [num_tokens]; q: [num_tokens, num_q_heads, head_dim]; k: [num_tokens, num_kv_heads, head_dim]."""
-        cos_table, sin_table = self._table(q.device)
-        cos = cos_table[positions][:, None, :].to(q.dtype)  # [num_tokens, 1, head_dim]
-        sin = sin_table[positions][:, None, :].to(q.dtype)
+        if self._step[0] is not positions:
+            cos_table, sin_table = self._table(q.device)
+            cos = cos_table[positions][:, None, :].to(q.dtype)  # [num_tokens, 1, head_dim]
+            sin = sin_table[positions][:, None, :].to(q.dtype)
+            self._step = (positions, (cos, sin))
+        cos, sin = self._step[1]
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 

@@ -1,0 +1,54 @@
+"""The C decode-attention kernel of the CPU path equals the torch reference, reads only the
+slots a sequence owns (every other slot holds NaN), and the engine falls back to the
+reference, with a warning, where no C compiler is found."""
+import pytest
+import torch
+
+from minicake.kernels import cpu_kernels
+from minicake.kernels.reference import decode_attention_ref, paged_attention_ref
+from test_kernel_paged_attention import FP32_TOL, make_batch
+
+needs_kernel = pytest.mark.skipif(cpu_kernels.library() is None, reason="no C compiler here")
+
+
+def decode_args(batch):
+    q, k_cache, v_cache, block_tables, seq_lens, _ = batch.args
+    return q, k_cache, v_cache, block_tables, seq_lens, q.shape[-1] ** -0.5
+
+
+@needs_kernel
+@pytest.mark.parametrize("group,num_kv_heads,head_dim", [(1, 2, 64), (3, 3, 64), (4, 2, 128), (2, 1, 32)])
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_kernel_equals_reference(group, num_kv_heads, head_dim, block_size):
+    # lengths: one token, a block exactly, one past a block, long
+    seqs = [(0, 1), (block_size - 1, 1), (block_size, 1), (200, 1), (37, 1)]
+    batch = make_batch(seqs, group=group, num_kv_heads=num_kv_heads, head_dim=head_dim, block_size=block_size)
+    out = cpu_kernels.decode_attention(*decode_args(batch))
+    assert not out.isnan().any(), "read a slot outside the sequence's blocks"
+    torch.testing.assert_close(out, decode_attention_ref(*decode_args(batch)), **FP32_TOL)
+
+
+@needs_kernel
+def test_mixed_batch_routes_decodes_to_the_kernel():
+    batch = make_batch([(37, 1), (0, 20), (32, 9), (31, 1), (0, 1)])
+    out = paged_attention_ref(*batch.args, decode_attention=cpu_kernels.decode_attention)
+    torch.testing.assert_close(out, paged_attention_ref(*batch.args), **FP32_TOL)
+
+
+def test_no_compiler_falls_back_to_the_reference(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("MINICAKE_CACHE", str(tmp_path))  # nothing built here yet
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(cpu_kernels, "_library", None)
+    assert cpu_kernels.library() is None
+    assert "no-such-compiler" in caplog.text and "torch does its work instead" in caplog.text
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 3, cpu_kernels.SMALL_BATCH_ROWS, cpu_kernels.SMALL_BATCH_ROWS + 1])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_equals_torch(rows, bias):
+    gen = torch.Generator().manual_seed(rows)
+    layer = cpu_kernels.Linear(96, 200, bias=bias)
+    x = torch.randn(rows, 96, generator=gen)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), **FP32_TOL)
