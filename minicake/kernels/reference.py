@@ -7,7 +7,6 @@ cache is paged: per layer `[num_blocks, block_size, num_kv_heads, head_dim]`, an
 sequence's block table lists the blocks that hold its tokens in order.
 """
 import torch
-import torch.nn.functional as F
 
 DECODE_GROUP = 8  # decodes per batched call: sorted by length, so a group pads little and stays in cache
 
@@ -106,20 +105,21 @@ def _prefill_attention(q, k_cache, v_cache, block_table, seq_len, scale):
     """The q_len new tokens of one sequence, at positions seq_len - q_len ..., over its cache.
 
     q: [q_len, num_q_heads, head_dim]. The query heads that share a kv head are stacked as one
-    longer query, so the kv heads are never copied for GQA.
+    longer query, so the kv heads are never copied for GQA. Scores, causal mask and scale in
+    one `baddbmm` (an additive -inf bias): fewer passes than SDPA's math path with a bool mask.
     """
     q_len, num_q_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_q_heads // num_kv_heads
     blocks = block_table[:-(-seq_len // block_size)].long()
-    # gather the sequence's blocks (one row per block): [num_kv_heads, seq_len, head_dim]
-    k = k_cache.view(k_cache.shape[0], -1).index_select(0, blocks).view(-1, num_kv_heads, head_dim)
-    v = v_cache.view(v_cache.shape[0], -1).index_select(0, blocks).view(-1, num_kv_heads, head_dim)
-    k, v = k[:seq_len].transpose(0, 1).float(), v[:seq_len].transpose(0, 1).float()
-    # q: [num_kv_heads, group * q_len, head_dim], head h = kv_head * group + g
+    # gather the sequence's blocks (one row per block): [seq_len, num_kv_heads, head_dim]
+    k = k_cache.view(k_cache.shape[0], -1).index_select(0, blocks).view(-1, num_kv_heads, head_dim)[:seq_len]
+    v = v_cache.view(v_cache.shape[0], -1).index_select(0, blocks).view(-1, num_kv_heads, head_dim)[:seq_len]
+    # q_g: [num_kv_heads, group * q_len, head_dim], head h = kv_head * group + g
     q_g = q.view(q_len, num_kv_heads, group, head_dim).permute(1, 2, 0, 3).reshape(num_kv_heads, group * q_len, head_dim)
     q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
-    mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]  # [q_len, seq_len]
-    o = F.scaled_dot_product_attention(q_g.float(), k, v, attn_mask=mask.repeat(group, 1), scale=scale)
-    # o: [num_kv_heads, group * q_len, head_dim] -> [q_len, num_q_heads, head_dim]
+    future = torch.arange(seq_len, device=q.device)[None, :] > q_pos[:, None]  # [q_len, seq_len]
+    bias = torch.zeros(q_len, seq_len, device=q.device).masked_fill_(future, float("-inf")).repeat(group, 1)
+    scores = torch.baddbmm(bias, q_g.float(), k.float().permute(1, 2, 0), alpha=scale)  # [num_kv_heads, group * q_len, seq_len]
+    o = torch.bmm(scores.softmax(dim=-1), v.float().transpose(0, 1))  # [num_kv_heads, group * q_len, head_dim]
     return o.view(num_kv_heads, group, q_len, head_dim).permute(2, 0, 1, 3).reshape(q_len, num_q_heads, head_dim).to(q.dtype)
