@@ -30,7 +30,8 @@ class SimResult:
     join_step: np.ndarray
     num_tokens: np.ndarray                 # tokens each request generates
     step_ends: list[list[float]]           # per decode instance: end time of every decode step
-    prefill_busy_s: float = 0.0
+    prefill_busy_s: float = 0.0            # predicted service times of every prefill, summed
+    decode_busy_s: float = 0.0             # predicted times of every decode step, summed
     wasted_prefill_s: float = 0.0
     fetched_blocks: int = 0
     end_s: float = 0.0
@@ -108,6 +109,6 @@ class SimResult:
             "hit_rate_block": float(self.cached_blocks[admitted].sum() / max(1, self.num_blocks[admitted].sum())),
             "hit_rate_token": float(self.cached_tokens[admitted].sum() / max(1, self.prompt_len[admitted].sum())),
             "hit_rate_request_mean": float((self.cached_tokens / self.prompt_len)[admitted].mean()) if admitted.any() else 0.0,
-            "prefill_busy_s": self.prefill_busy_s, "wasted_prefill_s": self.wasted_prefill_s,
+            "prefill_busy_s": self.prefill_busy_s, "decode_busy_s": self.decode_busy_s, "wasted_prefill_s": self.wasted_prefill_s,
             "fetched_blocks": self.fetched_blocks, "makespan_s": self.end_s,
         }

@@ -4,6 +4,8 @@ P prefill instances (a FIFO of whole-prompt prefills each, a host KV pool each) 
 instances (continuous batching: one event per decode step, never per token) serve a trace
 through the real Conductor. Time comes from a cost model; nothing is computed. The pools
 report what they add and evict to the Conductor's block index, as live instances would.
+Two settings model minicake's own CPU cluster (benchmarks/kvcentric.py): `decode_entry` (its
+decode loop's step granularity) and `shared_cores` (its instances share one machine's cores).
 """
 import heapq
 from collections import deque
@@ -28,8 +30,12 @@ class SimConfig:
     eviction: str = "lru"
     sample_points: int = 400             # load samples over the run, for the plot
     # minicake's live cluster: a request enters, and its first token leaves, through its decode
-    # instance's loop, so both wait for the decode step in progress (benchmarks/kvcentric.py)
+    # instance's loop, so both wait for the decode step in progress; the Conductor learns of the
+    # first token then, and resets that prefill instance's queue to what still waits (LiveConductor)
     decode_entry: bool = False
+    # the instances are processes on one machine: while n of them compute (a prefill, a decode
+    # step), each advances at 1 / the profile's sharing slowdown for n of its speed alone
+    shared_cores: bool = False
 
     def __post_init__(self):
         if self.num_prefill < 1 or self.num_decode < 1:
@@ -40,10 +46,43 @@ class SimConfig:
             raise ValueError(f"unknown eviction {self.eviction!r}: choose lru or lfu")
 
 
+class SharedCores:
+    """Processor sharing between the jobs running on one machine (at most one per instance):
+    while n run, a job of kind k advances at 1 / slowdown[k][n - 1] of its speed alone."""
+
+    def __init__(self, cost: CostModel):
+        self.slowdown = {PREFILL_DONE: cost.prefill_sharing, DECODE_STEP: cost.decode_sharing}
+        self.jobs: dict[int, list] = {}  # job -> [kind, seconds of work left, timed alone]
+        self.last_s = 0.0
+
+    def _factor(self, kind: int) -> float:
+        return self.slowdown[kind][len(self.jobs) - 1]
+
+    def _advance(self, now: float) -> None:
+        for job in self.jobs.values():
+            job[1] -= (now - self.last_s) / self._factor(job[0])
+        self.last_s = now
+
+    def start(self, job: int, kind: int, work_s: float, now: float) -> None:
+        self._advance(now)
+        self.jobs[job] = [kind, work_s]
+
+    def finish(self, job: int, now: float) -> None:
+        self._advance(now)
+        del self.jobs[job]
+
+    def end_times(self, now: float) -> dict[int, float]:
+        """When each running job ends if nothing starts or ends before."""
+        return {job: now + max(0.0, left) * self._factor(kind) for job, (kind, left) in self.jobs.items()}
+
+
 class Simulator:
     def __init__(self, config: SimConfig, conductor_config: ConductorConfig, cost: CostModel,
                  trace: list[TraceEntry]):
         assert conductor_config.can_fetch == (config.pool == "global"), "only a global pool lets instances fetch"
+        n = config.num_prefill + config.num_decode
+        assert not config.shared_cores or min(len(cost.prefill_sharing), len(cost.decode_sharing)) >= n, \
+            f"profile {cost.name} has sharing slowdowns for fewer than the {n} instances simulated on shared cores"
         self.config, self.cost, self.trace = config, cost, trace
         self.requests = [e.request for e in trace]
         self.pools = [KVPoolModel(config.pool_tokens, conductor_config.block_size, config.eviction)
@@ -60,6 +99,9 @@ class Simulator:
         self.decode_running = [[] for _ in self.decode]  # heap of (last step index, request id)
         self.decode_stepping = [False] * config.num_decode
         self.dispatch_pending = [[] for _ in self.decode]  # decode_entry: seen after the step in progress
+        self.awaiting_first = [{} for _ in self.prefill]  # decode_entry: request id -> predicted prefill s
+        self.cores = SharedCores(cost) if config.shared_cores else None
+        self.job_event: dict[int, int] = {}  # shared_cores: job -> seq of the event at which it now ends
         self.result = SimResult.empty(trace, config.num_decode, conductor_config)
         self.decisions: list[Decision | None] = [None] * len(trace)
 
@@ -77,7 +119,10 @@ class Simulator:
                 if on_progress is not None and (nxt % 256 == 0 or nxt == len(arrivals)):
                     on_progress(nxt)
                 continue
-            now, _, kind, inst = heapq.heappop(self.events)
+            t, seq, kind, inst = heapq.heappop(self.events)
+            if kind != SAMPLE and not self._job_ends(kind, inst, seq, t):
+                continue  # shared_cores: the job was rescheduled since this event was pushed
+            now = t
             if kind == PREFILL_DONE:
                 self._prefill_done(inst, now)
             elif kind == DECODE_STEP:
@@ -91,6 +136,36 @@ class Simulator:
         self.seq += 1
         heapq.heappush(self.events, (t, self.seq, kind, inst))
 
+    def _job(self, kind: int, inst: int) -> int:
+        return inst if kind == PREFILL_DONE else self.config.num_prefill + inst
+
+    def _start_job(self, kind: int, inst: int, work_s: float, now: float) -> None:
+        """A prefill or a decode step of `work_s` seconds (alone) starts on instance `inst`."""
+        if self.cores is None:
+            self._push(now + work_s, kind, inst)
+            return
+        self.cores.start(self._job(kind, inst), kind, work_s, now)
+        self._reschedule(now)
+
+    def _job_ends(self, kind: int, inst: int, seq: int, now: float) -> bool:
+        if self.cores is None:
+            return True
+        job = self._job(kind, inst)
+        if self.job_event[job] != seq:
+            return False
+        del self.job_event[job]
+        self.cores.finish(job, now)
+        self._reschedule(now)
+        return True
+
+    def _reschedule(self, now: float) -> None:
+        """Every running job's end moves when the number of running jobs changes."""
+        for job, end in self.cores.end_times(now).items():
+            kind, inst = (PREFILL_DONE, job) if job < self.config.num_prefill else \
+                (DECODE_STEP, job - self.config.num_prefill)
+            self._push(end, kind, inst)
+            self.job_event[job] = self.seq
+
     def _arrive(self, rid: int, now: float) -> None:
         req = self.requests[rid]
         d = self.conductor.schedule(req, now)
@@ -99,6 +174,8 @@ class Simulator:
         if not d.admitted:
             self.result.reject(rid, now, REJECTED)
             return
+        if self.config.decode_entry:
+            self.awaiting_first[d.prefill_id][rid] = d.prefill_s
         self.pools[d.prefill_id].pin(req.block_keys[:d.local_blocks])
         if d.fetch_from is not None:
             self.pools[d.fetch_from].pin(req.block_keys[:d.cached_blocks])
@@ -124,7 +201,7 @@ class Simulator:
             self.result.fetched_blocks += d.cached_blocks - d.local_blocks
         self.prefill_running[i] = rid
         self.result.prefill_busy_s += d.prefill_s
-        self._push(now + d.prefill_s, PREFILL_DONE, i)
+        self._start_job(PREFILL_DONE, i, d.prefill_s, now)
 
     def _access(self, i: int, keys: list[int]) -> None:
         added, evicted = self.pools[i].access(keys)
@@ -139,9 +216,10 @@ class Simulator:
         if self.prefill_queue[i]:
             self._start_prefill(i, now)
         if not self.config.decode_entry or req.max_new_tokens == 1:
-            self.result.first_token_s[rid] = now  # else: when the decode instance joins it
+            self._first_token(rid, now)  # else: when the decode instance joins it
         decode_id = self.conductor.on_prefill_done(req, d, now)
         if decode_id is None:  # baseline admission: the decode side refused, the prefill was wasted
+            self.awaiting_first[i].pop(rid, None)
             self.result.reject(rid, now, REJECTED_AFTER_PREFILL)
             self.result.wasted_prefill_s += d.prefill_s
         elif req.max_new_tokens == 1:  # the prefill made the only token
@@ -161,14 +239,24 @@ class Simulator:
             self.conductor.on_decode_join(rid, j, now)
             self.result.decode_id[rid], self.result.join_step[rid] = j, step
             if self.config.decode_entry:
-                self.result.first_token_s[rid] = now
+                self._first_token(rid, now)
             # it makes max_new_tokens - 1 more tokens, one per step; the prompt + first token are in KV
             heapq.heappush(running, (step + req.max_new_tokens - 2, rid))
             state.batch_size += 1
             state.context_tokens += req.prompt_len + 1
         self.decode_pending[j].clear()
         self.decode_stepping[j] = True
-        self._push(now + self.cost.decode_step_time(state.batch_size, state.context_tokens), DECODE_STEP, j)
+        step_s = self.cost.decode_step_time(state.batch_size, state.context_tokens)
+        self.result.decode_busy_s += step_s
+        self._start_job(DECODE_STEP, j, step_s, now)
+
+    def _first_token(self, rid: int, now: float) -> None:
+        self.result.first_token_s[rid] = now
+        if self.config.decode_entry:  # as LiveConductor: the queue left is what still waits
+            i = self.decisions[rid].prefill_id
+            waiting = self.awaiting_first[i]
+            del waiting[rid]
+            self.prefill[i].busy_until_s = now + sum(waiting.values())
 
     def _decode_step_done(self, j: int, now: float) -> None:
         state, running, ends = self.decode[j], self.decode_running[j], self.result.step_ends[j]
