@@ -86,6 +86,23 @@ def test_migration_copies_the_pulled_blocks_into_the_pullers_pool():
     assert all(sim.index.holders[k] == {0, 1} for k in keys[:8])
 
 
+def test_a_fetch_can_wait_for_the_holders_prefill_in_progress():
+    """Request 2's 8 shared blocks are on instance 0, which prefills request 1 until 11.024 s:
+    instance 1 is chosen to fetch them (0.08 s) and prefill (0.1024 s). In minicake's cluster
+    the holder sends them only after its step, so the fetch starts at 11.024 instead of 10.1."""
+    cost = CostModel("fetch", (0.0, 1e-4, -1e-4, 0.0, 0.0), (0.01, 0.0, 0.0), 0.01, 512, 10**7)
+    trace = [entry(0, 0.0, list(range(8))), entry(1, 10.0, list(range(100, 120))),
+             entry(2, 10.1, list(range(8)) + [300, 301])]
+
+    def run(wait):
+        sim = Simulator(SimConfig(2, 1, fetch_waits_for_holder=wait), ConductorConfig(), cost, trace)
+        result = sim.run()
+        assert sim.decisions[2].prefill_id == 1 and sim.decisions[2].fetch_from == 0
+        return result.first_token_s[2] - result.arrival_s[2]
+    assert run(False) == pytest.approx(0.08 + 0.1024)
+    assert run(True) == pytest.approx(11.024 + 0.08 + 0.1024 - 10.1)
+
+
 def test_baseline_wastes_prefill_that_decode_refuses():
     trace = [entry(i, 0.0, list(range(100 * i, 100 * i + 40)), new_tokens=100) for i in range(4)]
     _, result = simulate(trace, num_prefill=4, num_decode=1, admission="baseline", tbt_slo_s=0.0155)

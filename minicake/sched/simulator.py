@@ -4,8 +4,9 @@ P prefill instances (a FIFO of whole-prompt prefills each, a host KV pool each) 
 instances (continuous batching: one event per decode step, never per token) serve a trace
 through the real Conductor. Time comes from a cost model; nothing is computed. The pools
 report what they add and evict to the Conductor's block index, as live instances would.
-Two settings model minicake's own CPU cluster (benchmarks/kvcentric.py): `decode_entry` (its
-decode loop's step granularity) and `shared_cores` (its instances share one machine's cores).
+Three settings model minicake's own CPU cluster (benchmarks/kvcentric.py): `decode_entry` (its
+decode loop's step granularity), `fetch_waits_for_holder` (so is the holder's, for a migration)
+and `shared_cores` (its instances share one machine's cores).
 """
 import heapq
 from collections import deque
@@ -33,6 +34,9 @@ class SimConfig:
     # instance's loop, so both wait for the decode step in progress; the Conductor learns of the
     # first token then, and resets that prefill instance's queue to what still waits (LiveConductor)
     decode_entry: bool = False
+    # minicake's live cluster: the holder of migrated blocks sends them between its own steps, so
+    # a fetch waits for the holder's prefill in progress (one step while prompts fit the step budget)
+    fetch_waits_for_holder: bool = False
     # the instances are processes on one machine: while n of them compute (a prefill, a decode
     # step), each advances at 1 / the profile's sharing slowdown for n of its speed alone
     shared_cores: bool = False
@@ -95,6 +99,8 @@ class Simulator:
         self.seq = 0
         self.prefill_queue = [deque() for _ in self.prefill]  # request ids, FIFO
         self.prefill_running: list[int | None] = [None] * config.num_prefill
+        self.prefill_computing = [False] * config.num_prefill  # not while its fetch waits for the holder
+        self.fetch_waiters = [[] for _ in self.prefill]  # fetch_waits_for_holder: pullers, per holder
         self.decode_pending = [[] for _ in self.decode]  # joined after prefill, wait for a step boundary
         self.decode_running = [[] for _ in self.decode]  # heap of (last step index, request id)
         self.decode_stepping = [False] * config.num_decode
@@ -201,7 +207,14 @@ class Simulator:
             self.result.fetched_blocks += d.cached_blocks - d.local_blocks
         self.prefill_running[i] = rid
         self.result.prefill_busy_s += d.prefill_s
-        self._start_job(PREFILL_DONE, i, d.prefill_s, now)
+        if self.config.fetch_waits_for_holder and d.fetch_from is not None and self.prefill_computing[d.fetch_from]:
+            self.fetch_waiters[d.fetch_from].append(i)
+        else:
+            self._compute_prefill(i, now)
+
+    def _compute_prefill(self, i: int, now: float) -> None:
+        self.prefill_computing[i] = True
+        self._start_job(PREFILL_DONE, i, self.decisions[self.prefill_running[i]].prefill_s, now)
 
     def _access(self, i: int, keys: list[int]) -> None:
         added, evicted = self.pools[i].access(keys)
@@ -209,10 +222,13 @@ class Simulator:
         self.index.remove(i, evicted)
 
     def _prefill_done(self, i: int, now: float) -> None:
-        rid, self.prefill_running[i] = self.prefill_running[i], None
+        rid, self.prefill_running[i], self.prefill_computing[i] = self.prefill_running[i], None, False
         req, d = self.requests[rid], self.decisions[rid]
         self._access(i, req.block_keys)
         self.pools[i].unpin(req.block_keys[:d.local_blocks])
+        for puller in self.fetch_waiters[i]:  # served between this step and the next
+            self._compute_prefill(puller, now)
+        self.fetch_waiters[i].clear()
         if self.prefill_queue[i]:
             self._start_prefill(i, now)
         if not self.config.decode_entry or req.max_new_tokens == 1:
