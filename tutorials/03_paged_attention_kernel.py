@@ -4,7 +4,8 @@
 # Chapter 2 attended through block tables in plain torch: gather a sequence's K/V blocks into
 # a contiguous copy, then a matmul and a softmax. On a GPU that copy is the expensive part
 # (decode is memory-bound), so minicake's CUDA path is one Triton kernel that reads K/V
-# straight out of the paged cache, with no copy and no materialized score matrix.
+# straight out of the paged cache, with no copy and no materialized score matrix. (On the
+# CPU the decode tokens get the same treatment from a short C loop, `kernels/cpu_kernels.c`.)
 #
 # How `minicake/kernels/paged_attention.py` splits the work:
 # - A *program* owns one query tile: BLOCK_Q new tokens of one sequence times the GROUP
@@ -168,10 +169,10 @@ assert torch.allclose(split, out, atol=1e-4)
 # ## Measurement
 #
 # On a CPU this only times the interpreter (numpy emulating every program), which says
-# nothing about the kernel's speed; the reference is the CPU's real path. The number that
-# matters, the share of the GPU's memory bandwidth that decode achieves at long context, is
-# measured by `benchmarks/kernels.py` on a CUDA machine; the cell below runs a small version
-# of it only there.
+# nothing about the kernel's speed; the reference (with the C decode kernel) is the CPU's
+# real path. The number that matters, the share of the GPU's memory bandwidth that decode
+# achieves at long context, is measured by `benchmarks/kernels.py` on a CUDA machine; the
+# cell below runs a small version # of it only there.
 
 # %%
 start = time.perf_counter()
