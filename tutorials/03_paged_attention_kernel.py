@@ -172,7 +172,7 @@ assert torch.allclose(split, out, atol=1e-4)
 # nothing about the kernel's speed; the reference (with the C decode kernel) is the CPU's
 # real path. The number that matters, the share of the GPU's memory bandwidth that decode
 # achieves at long context, is measured by `benchmarks/kernels.py` on a CUDA machine; the
-# cell below runs a small version # of it only there.
+# cell below runs a small version of it only there.
 
 # %%
 start = time.perf_counter()
