@@ -35,12 +35,16 @@ def test_mixed_batch_routes_decodes_to_the_kernel():
     torch.testing.assert_close(out, paged_attention_ref(*batch.args), **FP32_TOL)
 
 
-def test_no_compiler_falls_back_to_the_reference(monkeypatch, tmp_path, caplog):
+def test_no_compiler_warns_once_and_torch_does_the_work(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("MINICAKE_CACHE", str(tmp_path))  # nothing built here yet
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setattr(cpu_kernels, "_library", None)
     assert cpu_kernels.library() is None
     assert "no-such-compiler" in caplog.text and "torch does its work instead" in caplog.text
+    caplog.clear()
+    assert cpu_kernels.library() is None and not caplog.text, "one warning, not one per call"
+    x, w = torch.randn(2, 16), torch.randn(8, 16)
+    torch.testing.assert_close(cpu_kernels.linear(x, w), torch.nn.functional.linear(x, w))
 
 
 @needs_kernel

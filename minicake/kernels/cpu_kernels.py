@@ -54,7 +54,7 @@ def _build() -> Path:
 
 
 def library():
-    """The loaded kernel, or None where it cannot be built here."""
+    """The loaded kernels, or None where they cannot be built here (warned about once)."""
     global _library
     if _library is None:
         try:
@@ -64,6 +64,12 @@ def library():
             logger.warning("could not build %s (%s); torch does its work instead, slower",
                            SOURCE.name, str(detail).strip()[-300:])
             _library = False
+            return None
+        # the C signatures: pointers are tensors' data_ptr()s
+        ptr, i32 = ctypes.c_void_p, ctypes.c_int
+        _library.paged_decode_attention.argtypes = [ptr] * 6 + [i32] * 6 + [ctypes.c_float, i32]
+        _library.small_batch_linear.argtypes = [ptr] * 3 + [i32] * 4
+        _library.paged_decode_attention.restype = _library.small_batch_linear.restype = None
     return _library or None
 
 
@@ -82,11 +88,10 @@ def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale):
     block_tables = block_tables.to(torch.int32).contiguous()
     seq_lens = seq_lens.to(torch.int32).contiguous()
     out = torch.empty_like(q)
-    ptr = ctypes.c_void_p
     library().paged_decode_attention(
-        ptr(q.data_ptr()), ptr(k_cache.data_ptr()), ptr(v_cache.data_ptr()), ptr(block_tables.data_ptr()),
-        ptr(seq_lens.data_ptr()), ptr(out.data_ptr()), num_seqs, block_tables.shape[1], num_q_heads,
-        k_cache.shape[2], head_dim, k_cache.shape[1], ctypes.c_float(scale), torch.get_num_threads())
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), seq_lens.data_ptr(),
+        out.data_ptr(), num_seqs, block_tables.shape[1], num_q_heads, k_cache.shape[2], head_dim,
+        k_cache.shape[1], scale, torch.get_num_threads())
     return out
 
 
@@ -98,9 +103,8 @@ def linear(x, weight, bias=None):
         return F.linear(x, weight, bias)
     x = x.contiguous()
     out = torch.empty(x.shape[0], weight.shape[0])
-    ptr = ctypes.c_void_p
-    library().small_batch_linear(ptr(x.data_ptr()), ptr(weight.data_ptr()), ptr(out.data_ptr()),
-                                 x.shape[0], weight.shape[0], weight.shape[1], torch.get_num_threads())
+    library().small_batch_linear(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0], weight.shape[0],
+                                 weight.shape[1], torch.get_num_threads())
     return out if bias is None else out.add_(bias)
 
 
