@@ -48,11 +48,12 @@ def test_no_compiler_warns_once_and_torch_does_the_work(monkeypatch, tmp_path, c
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [1, 3, cpu_kernels.SMALL_BATCH_ROWS, cpu_kernels.SMALL_BATCH_ROWS + 1])
+@pytest.mark.parametrize("rows", [1, 3, 4, 9, cpu_kernels.SMALL_BATCH_ROWS, cpu_kernels.SMALL_BATCH_ROWS + 1])
+@pytest.mark.parametrize("in_features,out_features", [(96, 200), (64, 7), (40, 12)])  # 7: a partial tile; 40: not 16k
 @pytest.mark.parametrize("bias", [False, True])
-def test_linear_equals_torch(rows, bias):
+def test_linear_equals_torch(rows, in_features, out_features, bias):
     gen = torch.Generator().manual_seed(rows)
-    layer = cpu_kernels.Linear(96, 200, bias=bias)
-    x = torch.randn(rows, 96, generator=gen)
+    layer = cpu_kernels.Linear(in_features, out_features, bias=bias)
+    x = torch.randn(rows, in_features, generator=gen)
     with torch.inference_mode():
         torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), **FP32_TOL)

@@ -6,10 +6,11 @@
  *    padding cost more than the step's weight matmuls. Here each sequence walks its block
  *    table and reads every key row and every value row once, in place: three passes over one
  *    sequence (scores, softmax, weighted sum of values), sequences spread over the threads.
- * 2. small_batch_linear: y = x W^T for a few rows of x (a decode step of a small batch). Such
- *    a product only streams the weights once, so memory bandwidth is its limit; torch's
- *    matrix-vector path reads them on one core at about 12 GB/s here, this one on all
- *    threads at about 30 GB/s (output rows split between threads).
+ * 2. small_batch_linear: y = x W^T for the few rows of a decode step (up to 64). torch's
+ *    matmul runs such shapes far below its large-matrix rate here: one row reads the
+ *    weights on one core at about 12 GB/s, 16 rows make 50 GFLOP/s of its 190. This one
+ *    splits the weight rows between the threads and computes 4 x 4 output tiles in vector
+ *    registers: about 26 GB/s at one row, 80 GFLOP/s at 16, even with torch by 128 rows.
  *
  * All tensors float32 and contiguous. Built by cpu_kernels.py with
  * -O3 -march=native -ffast-math -fopenmp.
@@ -81,16 +82,47 @@ void paged_decode_attention(const float *q, const float *k_cache, const float *v
     }
 }
 
-/* x [m, k], w [n, k] (nn.Linear's layout), y [m, n]: each weight row is read once, for all m rows of x */
+/* 16 floats: GCC/Clang vector extension, compiled to AVX-512 (or two AVX2) registers; aligned(4)
+ * lets it load from any float address. */
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+
+/* One output tile: y[r, c] = x[r] . w[c] for R rows of x (4 or 1) and 4 rows of w, k a multiple
+ * of 16. The R x 4 accumulators stay in registers along k; each is summed across its lanes once
+ * at the end. A macro makes one copy per R, so that R is a constant the loops unroll over. */
+#define LINEAR_TILE(R)                                                                          \
+    static void linear_tile_##R(const float *x, const float *w, float *y, int n, int k) {       \
+        v16 acc[R][4] = {0};                                                                     \
+        for (int d = 0; d < k; d += 16) {                                                        \
+            const v16 w0 = *(const v16 *)(w + d), w1 = *(const v16 *)(w + k + d);               \
+            const v16 w2 = *(const v16 *)(w + 2L * k + d), w3 = *(const v16 *)(w + 3L * k + d);  \
+            for (int r = 0; r < R; r++) {                                                        \
+                const v16 a = *(const v16 *)(x + (long)r * k + d);                               \
+                acc[r][0] += a * w0; acc[r][1] += a * w1; acc[r][2] += a * w2; acc[r][3] += a * w3; \
+            }                                                                                    \
+        }                                                                                        \
+        for (int r = 0; r < R; r++)                                                              \
+            for (int c = 0; c < 4; c++) {                                                        \
+                float sum = 0.f;                                                                 \
+                for (int i = 0; i < 16; i++) sum += acc[r][c][i];                                \
+                y[(long)r * n + c] = sum;                                                        \
+            }                                                                                    \
+    }
+LINEAR_TILE(4)
+LINEAR_TILE(1)
+
+/* x [m, k], w [n, k] (nn.Linear's layout), y [m, n]; k a multiple of 16. Threads split the rows
+ * of w in groups of 4; each group meets all of x, 4 rows at a time, then the rows left over. */
 void small_batch_linear(const float *x, const float *w, float *y, int m, int n, int k, int num_threads) {
 #pragma omp parallel for schedule(static) num_threads(num_threads)
-    for (int j = 0; j < n; j++) {
-        const float *wj = w + (long)j * k;
+    for (int j = 0; j < n - 3; j += 4) {
+        int i = 0;
+        for (; i + 4 <= m; i += 4) linear_tile_4(x + (long)i * k, w + (long)j * k, y + (long)i * n + j, n, k);
+        for (; i < m; i++) linear_tile_1(x + (long)i * k, w + (long)j * k, y + (long)i * n + j, n, k);
+    }
+    for (int j = n - n % 4; j < n; j++) /* the last n % 4 rows of w, if any */
         for (int i = 0; i < m; i++) {
-            const float *xi = x + (long)i * k;
             float dot = 0.f;
-            for (int d = 0; d < k; d++) dot += xi[d] * wj[d];
+            for (int d = 0; d < k; d++) dot += x[(long)i * k + d] * w[(long)j * k + d];
             y[(long)i * n + j] = dot;
         }
-    }
 }

@@ -116,10 +116,12 @@ def _prefill_attention(q, k_cache, v_cache, block_table, seq_len, scale):
     k = k_cache.view(k_cache.shape[0], -1).index_select(0, blocks).view(-1, num_kv_heads, head_dim)[:seq_len]
     v = v_cache.view(v_cache.shape[0], -1).index_select(0, blocks).view(-1, num_kv_heads, head_dim)[:seq_len]
     # q_g: [num_kv_heads, group * q_len, head_dim], head h = kv_head * group + g
-    q_g = q.view(q_len, num_kv_heads, group, head_dim).permute(1, 2, 0, 3).reshape(num_kv_heads, group * q_len, head_dim)
+    q_g = q.view(q_len, num_kv_heads, group, head_dim).permute(1, 2, 0, 3).reshape(num_kv_heads, -1, head_dim)
     q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
     future = torch.arange(seq_len, device=q.device)[None, :] > q_pos[:, None]  # [q_len, seq_len]
     bias = torch.zeros(q_len, seq_len, device=q.device).masked_fill_(future, float("-inf")).repeat(group, 1)
-    scores = torch.baddbmm(bias, q_g.float(), k.float().permute(1, 2, 0), alpha=scale)  # [num_kv_heads, group * q_len, seq_len]
-    o = torch.bmm(scores.softmax(dim=-1), v.float().transpose(0, 1))  # [num_kv_heads, group * q_len, head_dim]
-    return o.view(num_kv_heads, group, q_len, head_dim).permute(2, 0, 1, 3).reshape(q_len, num_q_heads, head_dim).to(q.dtype)
+    # scores: [num_kv_heads, group * q_len, seq_len]; o: [num_kv_heads, group * q_len, head_dim]
+    scores = torch.baddbmm(bias, q_g.float(), k.float().permute(1, 2, 0), alpha=scale)
+    o = torch.bmm(scores.softmax(dim=-1), v.float().transpose(0, 1))
+    o = o.view(num_kv_heads, group, q_len, head_dim).permute(2, 0, 1, 3)  # [q_len, num_kv_heads, group, head_dim]
+    return o.reshape(q_len, num_q_heads, head_dim).to(q.dtype)
