@@ -111,8 +111,19 @@ LINEAR_TILE(4)
 LINEAR_TILE(1)
 
 /* x [m, k], w [n, k] (nn.Linear's layout), y [m, n]; k a multiple of 16. Threads split the rows
- * of w in groups of 4; each group meets all of x, 4 rows at a time, then the rows left over. */
+ * of w. Up to 4 rows of x the product is bound by reading w: each row of w is streamed once
+ * against every row of x. Beyond, in groups of 4 rows of w, 4 x 4 tiles, then the rows left over. */
 void small_batch_linear(const float *x, const float *w, float *y, int m, int n, int k, int num_threads) {
+    if (m <= 4) {
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+        for (int j = 0; j < n; j++)
+            for (int i = 0; i < m; i++) {
+                float dot = 0.f;
+                for (int d = 0; d < k; d++) dot += x[(long)i * k + d] * w[(long)j * k + d];
+                y[(long)i * n + j] = dot;
+            }
+        return;
+    }
 #pragma omp parallel for schedule(static) num_threads(num_threads)
     for (int j = 0; j < n - 3; j += 4) {
         int i = 0;
