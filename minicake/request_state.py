@@ -16,6 +16,7 @@ class RequestState:
         self.text = ""  # all output text so far (cut at a stop string)
         self.num_emitted_chars = 0
         self.hold_back = max((len(s) for s in seq.params.stop), default=1) - 1
+        self.stopped_by_string = False
 
     def add_token(self, token_id: int, eos_token_ids: set[int], max_model_len: int) -> tuple[str | None, str]:
         """The sequence already holds token_id. Returns (finish reason or None, new text to emit)."""
@@ -29,7 +30,7 @@ class RequestState:
                       default=-1)
             if cut >= 0:
                 self.text = self.text[:cut]
-                reason = "stop"
+                reason, self.stopped_by_string = "stop", True
         if reason is None and (seq.num_output_tokens >= params.max_tokens or len(seq) >= max_model_len):
             reason = "length"
         if reason is not None:
@@ -40,7 +41,10 @@ class RequestState:
         return None, new_text
 
     def flush(self) -> str:
-        """Everything not emitted yet (the request is over)."""
+        """Everything not emitted yet (the request is over), including the bytes of a last
+        character the detokenizer was holding back (unless a stop string already cut the text)."""
+        if not self.stopped_by_string:
+            self.text += self.detokenizer.flush()
         new_text = self.text[self.num_emitted_chars:]
         self.num_emitted_chars = len(self.text)
         return new_text

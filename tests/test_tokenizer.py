@@ -116,3 +116,12 @@ def test_a_character_split_over_tokens_is_emitted_once_complete(tokenizers):
     detok = IncrementalDetokenizer(ours)
     deltas = [detok.add(i) for i in ids]
     assert deltas[0] == "a" and deltas[-1] == "🚀" and set(deltas[1:-1]) == {""}
+
+
+def test_a_stream_cut_inside_a_character_flushes_what_decode_gives(tokenizers):
+    ours, _ = tokenizers
+    ids = ours.encode("a🚀")[:-1]  # max_tokens ends the stream before the rocket's last byte
+    detok = IncrementalDetokenizer(ours)
+    text = "".join(detok.add(i) for i in ids) + detok.flush()
+    assert text == ours.decode(ids) and text.endswith("\ufffd")
+    assert detok.flush() == ""

@@ -129,3 +129,12 @@ class IncrementalDetokenizer:
             return ""  # an incomplete character, or a token with no text (a skipped special token)
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         return new_text[len(prefix_text):]
+
+    def flush(self) -> str:
+        """The text still held back when the stream ends: a last character cut off in the middle
+        decodes to U+FFFD, as `decode` of all the ids gives it."""
+        decode = self.tokenizer.decode
+        prefix_text = decode(self.ids[self.prefix_offset:self.read_offset])
+        new_text = decode(self.ids[self.prefix_offset:])
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return new_text[len(prefix_text):]
