@@ -1,15 +1,24 @@
 """Fit a cost-model profile to minicake's own engine on this machine (DESIGN.md 4.3, 4.4).
 
 Times prefills of N prompt tokens of which C are prefix-cache hits, decode steps of B sequences
-holding T context tokens, and a gloo send of one KV block (all layers) between two processes;
+holding T context tokens as a decode instance runs them (the gaps between tokens at the client
+of a 1 prefill + 1 decode cluster: the step and its loop's own work; a decode instance's steps
+measured 29-31 ms here where `Engine.step()` alone in a process measured 36 ms, cause unknown),
+and a gloo send of one KV block (all layers) between two processes;
 fits the polynomials of minicake/sched/cost_model.py by least squares and writes the JSON
-profile that `python -m minicake.sim --profile FILE` reads. Prints a table, ends with one JSON line.
+profile that `python -m minicake.sim --profile FILE` reads. Then times one prefill and one decode
+shape again next to 0, 1, ... neighbour processes that prefill all the time (the other instances of
+a cluster on these cores), against the simulator's model of shared cores (SimConfig.cpu_cores:
+n computing processes on c cores each run max(1, n / c) times slower). Prints a table, ends with
+one JSON line.
 """
 import argparse
+import itertools
 import json
 import os
 import random
 import socket
+import statistics
 import sys
 import time
 
@@ -23,10 +32,15 @@ from minicake.config import EngineConfig
 from minicake.engine import Engine
 from minicake.sampling import SamplingParams
 from minicake.sched.cost_model import fit_profile
+from minicake.serve.cluster import Cluster
 
-PREFILL_SHAPES = [(n, c) for n in (32, 64, 128, 256, 512) for c in (0, n // 2)] + [(512, 480)]
-DECODE_SHAPES = [(b, ctx) for b in (1, 4, 8) for ctx in (32, 128, 256)]  # batch, prompt tokens per sequence
-DECODE_STEPS = 3
+PREFILL_SHAPES = ([(n, c) for n in (32, 64, 128, 256, 512) for c in (0, n // 2)] + [(512, 480)]
+                  + [(n, n - n // 4) for n in (64, 128, 256, 384)] + [(n, n - 16) for n in (128, 256)])
+PREFILL_REPEATS = 3  # each shape timed this often, the median kept
+DECODE_BATCHES, DECODE_CONTEXTS = (1, 2, 4, 8), (32, 128, 256)  # batch, prompt tokens per sequence
+DECODE_STEPS = 5
+SHARING_PREFILL, SHARING_DECODE, SHARING_REPEATS = (128, 0), (2, 128), 9  # shapes timed next to neighbours
+NEIGHBOUR_PROMPT = 64  # tokens of each prefill a neighbour runs, about a replay's uncached prompt
 
 
 def run_to_end(engine: Engine, request_id: str, token_ids: list[int], max_tokens: int) -> int:
@@ -47,6 +61,11 @@ def time_prefill(engine: Engine, n: int, c: int, rng: random.Random, vocab: int)
     start = time.perf_counter()
     cached = run_to_end(engine, f"prefill-{n}-{c}-{rng.random()}", tokens, 1)
     return n, cached, time.perf_counter() - start
+
+
+def median_prefill(engine: Engine, n: int, c: int, rng: random.Random, vocab: int) -> tuple[int, int, float]:
+    timings = [time_prefill(engine, n, c, rng, vocab) for _ in range(PREFILL_REPEATS)]
+    return timings[0][0], timings[0][1], statistics.median(t for *_, t in timings)
 
 
 def time_decode(engine: Engine, batch: int, ctx: int, steps: int, rng: random.Random,
@@ -74,6 +93,29 @@ def time_decode(engine: Engine, batch: int, ctx: int, steps: int, rng: random.Ra
         engine.abort_request(request_id)
     while engine.has_unfinished_requests():
         engine.step()
+    return samples
+
+
+def time_decode_instance(model: str, max_batch: int, steps: int, rng: random.Random,
+                         vocab: int) -> list[tuple[int, int, float]]:
+    """(batch size, context tokens, seconds) of the decode steps of a decode instance: b requests
+    enter together, and each step's gap is the median over them once all b decode."""
+    config = EngineConfig(model=model, device="cpu", num_kv_blocks=1024, max_num_batched_tokens=1024, num_threads=1)
+    samples = []
+    with Cluster(config, prefill_instances=1, decode_instances=1) as cluster:
+        for b in [b for b in DECODE_BATCHES if b <= max_batch]:
+            for ctx in DECODE_CONTEXTS:
+                params = SamplingParams(temperature=0.0, max_tokens=steps + 2, ignore_eos=True)
+                ids = [f"{b}-{ctx}-{i}" for i in range(b)]
+                for request_id in ids:
+                    cluster.add_request(request_id, [rng.randrange(3, vocab) for _ in range(ctx)], params)
+                times = {request_id: [] for request_id in ids}
+                while any(len(t) < steps + 2 for t in times.values()):
+                    for out in cluster.get_outputs(timeout=60):
+                        times[out.request_id] += [time.perf_counter()] * len(out.new_token_ids)
+                for k in range(2, steps + 2):  # token k comes from a step in which all b decode
+                    gap = statistics.median(t[k] - t[k - 1] for t in times.values())
+                    samples.append((b, b * (ctx + k), gap))
     return samples
 
 
@@ -110,12 +152,36 @@ def time_block_transfer(shape: tuple, repeats: int = 50) -> float:
     return seconds
 
 
-def _spin() -> None:
-    """A neighbour instance that computes all the time (one thread), until terminated."""
+def _neighbour(model: str, ready) -> None:
+    """A neighbour instance that prefills fresh prompts all the time (one thread), until terminated."""
     torch.set_num_threads(1)
-    a = torch.randn(256, 256)
-    while True:
-        a = torch.tanh(a @ a)
+    engine = Engine(EngineConfig(model=model, num_kv_blocks=256, num_threads=1, enable_prefix_caching=False))
+    rng = random.Random(1)
+    ready.put(True)
+    for i in itertools.count():
+        run_to_end(engine, f"n{i}", [rng.randrange(3, 1000) for _ in range(NEIGHBOUR_PROMPT)], 1)
+
+
+def time_sharing(engine: Engine, model: str, max_neighbours: int, rng: random.Random,
+                 vocab: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(prefill, decode) slowdowns with 0..max_neighbours neighbours prefilling: median time / alone."""
+    ctx = mp.get_context("spawn")
+    prefill, decode = [], []
+    for k in range(max_neighbours + 1):
+        ready = ctx.Queue()
+        neighbours = [ctx.Process(target=_neighbour, args=(model, ready), daemon=True) for _ in range(k)]
+        for n in neighbours:
+            n.start()
+        for _ in neighbours:
+            ready.get(timeout=300)
+        time.sleep(0.5)  # every neighbour is computing
+        prefill.append(statistics.median(time_prefill(engine, *SHARING_PREFILL, rng, vocab)[2]
+                                         for _ in range(SHARING_REPEATS)))
+        decode.append(statistics.median(t for *_, t in time_decode(engine, *SHARING_DECODE, SHARING_REPEATS, rng, vocab)))
+        for n in neighbours:
+            n.terminate()
+            n.join(timeout=30)
+    return tuple(t / prefill[0] for t in prefill), tuple(t / decode[0] for t in decode)
 
 
 def main() -> int:
@@ -123,35 +189,33 @@ def main() -> int:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: least hurt by a busy machine)")
     p.add_argument("--out", default="minicake/sched/profiles/smollm2-135m-cpu.json")
-    p.add_argument("--busy-neighbours", type=int, default=0,
-                   help="processes kept computing while timing: the other instances of a deployment "
-                   "that shares these cores (benchmarks/kvcentric.py runs 3 on 2 cores)")
+    p.add_argument("--max-batch", type=int, default=8, choices=DECODE_BATCHES,
+                   help="fit decode steps of batches up to this (4: the C kernels' small-batch regime)")
+    p.add_argument("--neighbours", type=int, default=2,
+                   help="sharing slowdowns measured with up to this many neighbour processes computing "
+                   "(benchmarks/kvcentric.py runs 3 instances on these cores: 2)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    neighbours = [mp.get_context("spawn").Process(target=_spin, daemon=True) for _ in range(args.busy_neighbours)]
-    for n in neighbours:
-        n.start()
     engine = Engine(EngineConfig(model=args.model, num_kv_blocks=1024, num_threads=args.threads,
                                  max_num_batched_tokens=1024))
     mc, block_size = engine.model_config, engine.config.block_size
     rng, vocab = random.Random(0), mc.vocab_size
     time_prefill(engine, 64, 0, rng, vocab)  # warm-up
-    prefill = [time_prefill(engine, n, c, rng, vocab) for n, c in PREFILL_SHAPES]
-    decode = [s for b, ctx in DECODE_SHAPES for s in time_decode(engine, b, ctx, DECODE_STEPS, rng, vocab)]
+    prefill = [median_prefill(engine, n, c, rng, vocab) for n, c in PREFILL_SHAPES]
+    decode = time_decode_instance(args.model, args.max_batch, DECODE_STEPS, rng, vocab)
     transfer = time_block_transfer((2, mc.num_hidden_layers, block_size, mc.num_key_value_heads, mc.head_dim))
     dtype = next(engine.model.parameters()).dtype
     block_bytes = bytes_per_block(mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, block_size, dtype)
     kv_tokens = num_blocks_for(int(free_memory(engine.device) * EngineConfig.kv_cache_fraction), block_bytes) * block_size
+    sharing = time_sharing(engine, args.model, args.neighbours, rng, vocab)
     name = f"{args.model}-{engine.device.type}-{args.threads}threads"
     profile = fit_profile(name, prefill, decode, transfer, block_size, kv_tokens)
-    for n in neighbours:
-        n.terminate()
     profile.save(args.out)
-    report(profile, prefill, decode, transfer, args.out)
+    report(profile, prefill, decode, transfer, sharing, args.out)
     return 0
 
 
-def report(profile, prefill, decode, transfer, out) -> None:
+def report(profile, prefill, decode, transfer, sharing, out) -> None:
     table = Table(title=f"{profile.name}: measured vs fitted")
     for col in ("kind", "shape", "measured ms", "fitted ms"):
         table.add_column(col, justify="right")
@@ -165,10 +229,17 @@ def report(profile, prefill, decode, transfer, out) -> None:
         table.add_row("decode step", f"batch={b} context={ctx}", f"{t * 1e3:.1f}", f"{f * 1e3:.1f}")
     errors += [abs(profile.decode_step_time(b, ctx) - t) / t for b, ctx, t in decode]
     table.add_row("transfer", f"1 block of {profile.block_size} tokens", f"{transfer * 1e3:.3f}", "")
+    cores = os.cpu_count()
+    for kind, shape, slowdowns in (("prefill", "N={} cached={}".format(*SHARING_PREFILL), sharing[0]),
+                                   ("decode step", "batch={} context={}".format(*SHARING_DECODE), sharing[1])):
+        for k, slowdown in enumerate(slowdowns[1:], 1):
+            table.add_row(f"{kind}, {k} neighbour(s) prefilling", shape, f"x{slowdown:.2f} of alone",
+                          f"x{max(1, (k + 1) / cores):.2f} ({cores} cores)")
     Console().print(table)
     print(json.dumps({"profile": out, "name": profile.name, "prefill_coef": profile.prefill_coef,
                       "decode_coef": profile.decode_coef, "transfer_s_per_block": transfer,
-                      "kv_capacity_tokens": profile.kv_capacity_tokens,
+                      "kv_capacity_tokens": profile.kv_capacity_tokens, "prefill_sharing": sharing[0],
+                      "decode_sharing": sharing[1], "cpu_cores": cores,
                       "max_relative_error": max(errors), "median_relative_error": sorted(errors)[len(errors) // 2]}))
 
 

@@ -1,7 +1,6 @@
 """The cost model: the paper-70b profile against its FLOP and byte counts written out by
 hand, and the least-squares fit against a known polynomial (DESIGN.md 4.3, 4.4)."""
 import json
-from dataclasses import replace
 
 import pytest
 
@@ -54,21 +53,6 @@ def test_a_saved_profile_loads_back(tmp_path):
     path = tmp_path / "profile.json"
     paper_70b().save(path)
     assert load_profile(str(path)) == paper_70b()
-
-
-def test_sharing_slowdowns_load_back_and_default_to_never_sharing(tmp_path):
-    path = tmp_path / "shared.json"
-    shared = replace(paper_70b(), name="shared", prefill_sharing=(1.0, 1.2, 1.7), decode_sharing=(1.0, 1.4, 2.1))
-    shared.save(path)
-    assert load_profile(str(path)) == shared
-    older = json.loads(path.read_text())
-    del older["prefill_sharing"], older["decode_sharing"]  # a profile fitted before they were measured
-    path.write_text(json.dumps(older))
-    assert load_profile(str(path)).prefill_sharing == load_profile(str(path)).decode_sharing == (1.0,)
-    older["decode_sharing"] = [0.5]
-    path.write_text(json.dumps(older))
-    with pytest.raises(ValueError, match="shared.json"):
-        load_profile(str(path))
 
 
 def test_a_bad_profile_is_named(tmp_path):

@@ -111,23 +111,22 @@ def test_baseline_wastes_prefill_that_decode_refuses():
 
 
 def test_on_shared_cores_a_decode_step_and_a_prefill_that_overlap_both_slow_down():
-    """Two instances computing at once on shared cores each run at half speed (sharing 2.0):
-    request 1's prefill (0.1 s alone) overlaps request 0's two decode steps (0.1 s each alone)."""
-    cost = CostModel("halves", (0.0, 0.01, -0.01, 0.0, 0.0), (0.1, 0.0, 0.0), 0.001, 1, 10_000,
-                     prefill_sharing=(1.0, 2.0), decode_sharing=(1.0, 2.0))
+    """Two instances computing at once on one shared core each run at half speed: request 1's
+    prefill (0.1 s alone) overlaps request 0's two decode steps (0.1 s each alone)."""
+    cost = CostModel("steps", (0.0, 0.01, -0.01, 0.0, 0.0), (0.1, 0.0, 0.0), 0.001, 1, 10_000)
     trace = [TraceEntry(0.0, Request(0, 10, 3, [])), TraceEntry(0.15, Request(1, 10, 3, []))]
 
-    def run(shared_cores):
-        sim = Simulator(SimConfig(1, 1, shared_cores=shared_cores), ConductorConfig(block_size=1), cost, trace)
+    def run(cpu_cores):
+        sim = Simulator(SimConfig(1, 1, cpu_cores=cpu_cores), ConductorConfig(block_size=1), cost, trace)
         result = sim.run()
         return list(result.first_token_s - result.arrival_s), result.step_ends[0][:2]
-    # alone: prefill 1 runs 0.15..0.25 beside steps 0.1..0.2..0.3 and nothing slows down
-    assert run(False) == (pytest.approx([0.1, 0.1]), pytest.approx([0.2, 0.3]))
-    # shared: step 1 has 0.05 s left at 0.15, done at half speed by 0.25; prefill 1 is half done
+    # own devices, or 2 cores for 2 instances: prefill 1 runs 0.15..0.25 beside steps 0.1..0.2..0.3
+    assert run(None) == run(2) == (pytest.approx([0.1, 0.1]), pytest.approx([0.2, 0.3]))
+    # 1 core: step 1 has 0.05 s left at 0.15, done at half speed by 0.25; prefill 1 is half done
     # then, and ends at 0.35 beside step 2, which finishes its last 0.05 s alone at 0.40
-    assert run(True) == (pytest.approx([0.1, 0.2]), pytest.approx([0.25, 0.40]))
-    with pytest.raises(AssertionError, match="sharing slowdowns for fewer than the 3 instances"):
-        Simulator(SimConfig(2, 1, shared_cores=True), ConductorConfig(block_size=1), cost, trace)
+    assert run(1) == (pytest.approx([0.1, 0.2]), pytest.approx([0.25, 0.40]))
+    with pytest.raises(ValueError, match="cpu_cores"):
+        SimConfig(cpu_cores=0)
 
 
 def test_tbt_is_the_mean_of_the_slowest_tenth_of_gaps():

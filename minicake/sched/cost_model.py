@@ -4,8 +4,7 @@ Predicts the prefill time of a prompt of N tokens of which C are cached, the dec
 time of a batch (batch size, total context tokens), and the time to move KV blocks between
 instances. Every profile has the same polynomial form, so the analytic `paper-70b` profile
 and a profile fitted by least squares to measured timings (a JSON file written by
-`benchmarks/fit_cost_model.py`) are one class. A fitted CPU profile also says how much slower
-a step runs while other instance processes compute on the same cores (`*_sharing`).
+`benchmarks/fit_cost_model.py`) are one class.
 """
 import json
 import math
@@ -41,19 +40,11 @@ class CostModel:
     transfer_s_per_block: float       # moving one KV block of `block_size` tokens
     block_size: int                   # tokens per block that transfer_s_per_block refers to
     kv_capacity_tokens: int           # KV tokens one decode instance can hold
-    # Instances that share one machine's cores: sharing[n - 1] = how many times longer a prefill
-    # (a decode step) takes while n instances compute at once, n = 1 alone. (1.0,): never measured,
-    # each instance has its own device (the paper's setting).
-    prefill_sharing: tuple[float, ...] = (1.0,)
-    decode_sharing: tuple[float, ...] = (1.0,)
 
     def __post_init__(self):
         assert len(self.prefill_coef) == len(PREFILL_TERMS), f"{self.name}: prefill needs {len(PREFILL_TERMS)} coefficients"
         assert len(self.decode_coef) == len(DECODE_TERMS), f"{self.name}: decode needs {len(DECODE_TERMS)} coefficients"
         assert self.block_size > 0 and self.kv_capacity_tokens > 0, f"{self.name}: block_size and KV capacity must be > 0"
-        for sharing in (self.prefill_sharing, self.decode_sharing):
-            assert sharing and sharing[0] == 1.0 and min(sharing) >= 1.0, \
-                f"{self.name}: sharing slowdowns start at 1.0 (alone) and are >= 1, got {sharing}"
 
     def prefill_time(self, num_tokens: int, num_cached: int) -> float:
         """Seconds to prefill `num_tokens` of which the first `num_cached` are already cached."""
@@ -105,25 +96,21 @@ def load_profile(name_or_path: str) -> CostModel:
         model = CostModel(name=str(d["name"]), prefill_coef=tuple(map(float, d["prefill_coef"])),
                           decode_coef=tuple(map(float, d["decode_coef"])),
                           transfer_s_per_block=float(d["transfer_s_per_block"]),
-                          block_size=int(d["block_size"]), kv_capacity_tokens=int(d["kv_capacity_tokens"]),
-                          prefill_sharing=tuple(map(float, d.get("prefill_sharing", (1.0,)))),
-                          decode_sharing=tuple(map(float, d.get("decode_sharing", (1.0,)))))
+                          block_size=int(d["block_size"]), kv_capacity_tokens=int(d["kv_capacity_tokens"]))
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AssertionError) as e:
         raise ValueError(f"profile {path}: not a valid cost-model JSON ({type(e).__name__}: {e})") from None
-    if not all(math.isfinite(x) for x in model.prefill_coef + model.decode_coef + model.prefill_sharing
-               + model.decode_sharing):
+    if not all(math.isfinite(x) for x in model.prefill_coef + model.decode_coef):
         raise ValueError(f"profile {path}: coefficients must be finite numbers")
     return model
 
 
 def fit_profile(name: str, prefill_samples: list[tuple[int, int, float]],
                 decode_samples: list[tuple[int, int, float]], transfer_s_per_block: float,
-                block_size: int, kv_capacity_tokens: int, prefill_sharing: tuple[float, ...] = (1.0,),
-                decode_sharing: tuple[float, ...] = (1.0,)) -> CostModel:
+                block_size: int, kv_capacity_tokens: int) -> CostModel:
     """Least-squares fit of the polynomials to measured timings.
 
     prefill_samples: (prompt tokens, cached tokens, seconds); decode_samples: (batch size,
-    context tokens, seconds of one step); the sharing slowdowns are measured ratios, kept as they are.
+    context tokens, seconds of one step).
     """
     import numpy as np
 
@@ -139,5 +126,4 @@ def fit_profile(name: str, prefill_samples: list[tuple[int, int, float]],
     return CostModel(name=name, prefill_coef=lstsq(prefill_samples, PREFILL_TERMS, "prefill"),
                      decode_coef=lstsq(decode_samples, DECODE_TERMS, "decode"),
                      transfer_s_per_block=transfer_s_per_block, block_size=block_size,
-                     kv_capacity_tokens=kv_capacity_tokens, prefill_sharing=prefill_sharing,
-                     decode_sharing=decode_sharing)
+                     kv_capacity_tokens=kv_capacity_tokens)

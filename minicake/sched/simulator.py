@@ -6,7 +6,7 @@ through the real Conductor. Time comes from a cost model; nothing is computed. T
 report what they add and evict to the Conductor's block index, as live instances would.
 Three settings model minicake's own CPU cluster (benchmarks/kvcentric.py): `decode_entry` (its
 decode loop's step granularity), `fetch_waits_for_holder` (so is the holder's, for a migration)
-and `shared_cores` (its instances share one machine's cores).
+and `cpu_cores` (its instances share one machine's cores).
 """
 import heapq
 from collections import deque
@@ -37,9 +37,9 @@ class SimConfig:
     # minicake's live cluster: the holder of migrated blocks sends them between its own steps, so
     # a fetch waits for the holder's prefill in progress (one step while prompts fit the step budget)
     fetch_waits_for_holder: bool = False
-    # the instances are processes on one machine: while n of them compute (a prefill, a decode
-    # step), each advances at 1 / the profile's sharing slowdown for n of its speed alone
-    shared_cores: bool = False
+    # the instances are processes sharing this many cores (None: each has its own device): while n
+    # of them compute (a prefill, a decode step), each advances at min(1, cpu_cores / n) of its speed
+    cpu_cores: int | None = None
 
     def __post_init__(self):
         if self.num_prefill < 1 or self.num_decode < 1:
@@ -48,45 +48,45 @@ class SimConfig:
             raise ValueError(f"unknown pool {self.pool!r}: choose local or global")
         if self.eviction not in ("lru", "lfu"):
             raise ValueError(f"unknown eviction {self.eviction!r}: choose lru or lfu")
+        if self.cpu_cores is not None and self.cpu_cores < 1:
+            raise ValueError(f"cpu_cores must be >= 1 or None, got {self.cpu_cores}")
 
 
 class SharedCores:
-    """Processor sharing between the jobs running on one machine (at most one per instance):
-    while n run, a job of kind k advances at 1 / slowdown[k][n - 1] of its speed alone."""
+    """Processor sharing between the jobs running on one machine's cores (at most one job per
+    instance, one thread each): while n jobs run, each advances at min(1, cores / n) of its
+    speed alone, as the OS scheduler shares the cores fairly on average."""
 
-    def __init__(self, cost: CostModel):
-        self.slowdown = {PREFILL_DONE: cost.prefill_sharing, DECODE_STEP: cost.decode_sharing}
-        self.jobs: dict[int, list] = {}  # job -> [kind, seconds of work left, timed alone]
+    def __init__(self, cores: int):
+        self.cores = cores
+        self.left: dict[int, float] = {}  # job -> seconds of work left, timed alone
         self.last_s = 0.0
 
-    def _factor(self, kind: int) -> float:
-        return self.slowdown[kind][len(self.jobs) - 1]
+    def _slowdown(self) -> float:
+        return max(1.0, len(self.left) / self.cores)
 
     def _advance(self, now: float) -> None:
-        for job in self.jobs.values():
-            job[1] -= (now - self.last_s) / self._factor(job[0])
+        for job in self.left:
+            self.left[job] -= (now - self.last_s) / self._slowdown()
         self.last_s = now
 
-    def start(self, job: int, kind: int, work_s: float, now: float) -> None:
+    def start(self, job: int, work_s: float, now: float) -> None:
         self._advance(now)
-        self.jobs[job] = [kind, work_s]
+        self.left[job] = work_s
 
     def finish(self, job: int, now: float) -> None:
         self._advance(now)
-        del self.jobs[job]
+        del self.left[job]
 
     def end_times(self, now: float) -> dict[int, float]:
         """When each running job ends if nothing starts or ends before."""
-        return {job: now + max(0.0, left) * self._factor(kind) for job, (kind, left) in self.jobs.items()}
+        return {job: now + max(0.0, left) * self._slowdown() for job, left in self.left.items()}
 
 
 class Simulator:
     def __init__(self, config: SimConfig, conductor_config: ConductorConfig, cost: CostModel,
                  trace: list[TraceEntry]):
         assert conductor_config.can_fetch == (config.pool == "global"), "only a global pool lets instances fetch"
-        n = config.num_prefill + config.num_decode
-        assert not config.shared_cores or min(len(cost.prefill_sharing), len(cost.decode_sharing)) >= n, \
-            f"profile {cost.name} has sharing slowdowns for fewer than the {n} instances simulated on shared cores"
         self.config, self.cost, self.trace = config, cost, trace
         self.requests = [e.request for e in trace]
         self.pools = [KVPoolModel(config.pool_tokens, conductor_config.block_size, config.eviction)
@@ -106,8 +106,8 @@ class Simulator:
         self.decode_stepping = [False] * config.num_decode
         self.dispatch_pending = [[] for _ in self.decode]  # decode_entry: seen after the step in progress
         self.awaiting_first = [{} for _ in self.prefill]  # decode_entry: request id -> predicted prefill s
-        self.cores = SharedCores(cost) if config.shared_cores else None
-        self.job_event: dict[int, int] = {}  # shared_cores: job -> seq of the event at which it now ends
+        self.cores = SharedCores(config.cpu_cores) if config.cpu_cores is not None else None
+        self.job_event: dict[int, int] = {}  # cpu_cores: job -> seq of the event at which it now ends
         self.result = SimResult.empty(trace, config.num_decode, conductor_config)
         self.decisions: list[Decision | None] = [None] * len(trace)
 
@@ -127,7 +127,7 @@ class Simulator:
                 continue
             t, seq, kind, inst = heapq.heappop(self.events)
             if kind != SAMPLE and not self._job_ends(kind, inst, seq, t):
-                continue  # shared_cores: the job was rescheduled since this event was pushed
+                continue  # cpu_cores: the job was rescheduled since this event was pushed
             now = t
             if kind == PREFILL_DONE:
                 self._prefill_done(inst, now)
@@ -150,14 +150,14 @@ class Simulator:
         if self.cores is None:
             self._push(now + work_s, kind, inst)
             return
-        self.cores.start(self._job(kind, inst), kind, work_s, now)
+        self.cores.start(self._job(kind, inst), work_s, now)
         self._reschedule(now)
 
     def _job_ends(self, kind: int, inst: int, seq: int, now: float) -> bool:
         if self.cores is None:
             return True
         job = self._job(kind, inst)
-        if self.job_event[job] != seq:
+        if self.job_event.get(job) != seq:  # rescheduled since, or ended earlier than this event said
             return False
         del self.job_event[job]
         self.cores.finish(job, now)
