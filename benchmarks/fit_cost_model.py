@@ -15,6 +15,7 @@ one JSON line.
 import argparse
 import itertools
 import json
+import math
 import os
 import random
 import socket
@@ -38,7 +39,7 @@ PREFILL_SHAPES = ([(n, c) for n in (32, 64, 128, 256, 512) for c in (0, n // 2)]
                   + [(n, n - n // 4) for n in (64, 128, 256, 384)] + [(n, n - 16) for n in (128, 256)])
 PREFILL_REPEATS = 3  # each shape timed this often, the median kept
 DECODE_BATCHES, DECODE_CONTEXTS = (1, 2, 4, 8), (32, 128, 256)  # batch, prompt tokens per sequence
-DECODE_STEPS = 5
+DECODE_STEPS = 20  # steps timed per decode shape: their spread is the profile's decode_step_cv
 SHARING_PREFILL, SHARING_DECODE, SHARING_REPEATS = (128, 0), (2, 128), 9  # shapes timed next to neighbours
 NEIGHBOUR_PROMPT = 64  # tokens of each prefill a neighbour runs, about a replay's uncached prompt
 
@@ -96,12 +97,14 @@ def time_decode(engine: Engine, batch: int, ctx: int, steps: int, rng: random.Ra
     return samples
 
 
-def time_decode_instance(model: str, max_batch: int, steps: int, rng: random.Random,
-                         vocab: int) -> list[tuple[int, int, float]]:
-    """(batch size, context tokens, seconds) of the decode steps of a decode instance: b requests
-    enter together, and each step's gap is the median over them once all b decode."""
-    config = EngineConfig(model=model, device="cpu", num_kv_blocks=1024, max_num_batched_tokens=1024, num_threads=1)
-    samples = []
+def time_decode_instance(model: str, block_size: int, max_batch: int, steps: int, rng: random.Random,
+                         vocab: int) -> tuple[list[tuple[int, int, float]], float]:
+    """(batch size, context tokens, seconds) of the decode steps of a decode instance (b requests
+    enter together; each step's gap is the median over them once all b decode), and the spread
+    of steps of one shape: the root mean square of step / mean of its shape - 1."""
+    config = EngineConfig(model=model, device="cpu", block_size=block_size, num_kv_blocks=16384 // block_size,
+                          max_num_batched_tokens=1024, num_threads=1)
+    samples, deviations = [], []
     with Cluster(config, prefill_instances=1, decode_instances=1) as cluster:
         for b in [b for b in DECODE_BATCHES if b <= max_batch]:
             for ctx in DECODE_CONTEXTS:
@@ -113,10 +116,10 @@ def time_decode_instance(model: str, max_batch: int, steps: int, rng: random.Ran
                 while any(len(t) < steps + 2 for t in times.values()):
                     for out in cluster.get_outputs(timeout=60):
                         times[out.request_id] += [time.perf_counter()] * len(out.new_token_ids)
-                for k in range(2, steps + 2):  # token k comes from a step in which all b decode
-                    gap = statistics.median(t[k] - t[k - 1] for t in times.values())
-                    samples.append((b, b * (ctx + k), gap))
-    return samples
+                gaps = [statistics.median(t[k] - t[k - 1] for t in times.values()) for k in range(2, steps + 2)]
+                samples += [(b, b * (ctx + k), gap) for k, gap in zip(range(2, steps + 2), gaps)]  # all b decode
+                deviations += [gap / statistics.mean(gaps) - 1 for gap in gaps]
+    return samples, math.sqrt(statistics.mean(d * d for d in deviations))
 
 
 def _send_blocks(rank: int, port: int, shape: tuple, repeats: int, result) -> None:
@@ -189,6 +192,8 @@ def main() -> int:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: least hurt by a busy machine)")
     p.add_argument("--out", default="minicake/sched/profiles/smollm2-135m-cpu.json")
+    p.add_argument("--block-size", type=int, default=EngineConfig.block_size,
+                   help="tokens per KV block, as in the deployment the profile is for")
     p.add_argument("--max-batch", type=int, default=8, choices=DECODE_BATCHES,
                    help="fit decode steps of batches up to this (4: the C kernels' small-batch regime)")
     p.add_argument("--neighbours", type=int, default=2,
@@ -196,20 +201,21 @@ def main() -> int:
                    "(benchmarks/kvcentric.py runs 3 instances on these cores: 2)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    engine = Engine(EngineConfig(model=args.model, num_kv_blocks=1024, num_threads=args.threads,
+    engine = Engine(EngineConfig(model=args.model, block_size=args.block_size, num_kv_blocks=16384 // args.block_size,
+                                 num_threads=args.threads,
                                  max_num_batched_tokens=1024))
     mc, block_size = engine.model_config, engine.config.block_size
     rng, vocab = random.Random(0), mc.vocab_size
     time_prefill(engine, 64, 0, rng, vocab)  # warm-up
     prefill = [median_prefill(engine, n, c, rng, vocab) for n, c in PREFILL_SHAPES]
-    decode = time_decode_instance(args.model, args.max_batch, DECODE_STEPS, rng, vocab)
+    decode, decode_cv = time_decode_instance(args.model, args.block_size, args.max_batch, DECODE_STEPS, rng, vocab)
     transfer = time_block_transfer((2, mc.num_hidden_layers, block_size, mc.num_key_value_heads, mc.head_dim))
     dtype = next(engine.model.parameters()).dtype
     block_bytes = bytes_per_block(mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, block_size, dtype)
     kv_tokens = num_blocks_for(int(free_memory(engine.device) * EngineConfig.kv_cache_fraction), block_bytes) * block_size
     sharing = time_sharing(engine, args.model, args.neighbours, rng, vocab)
     name = f"{args.model}-{engine.device.type}-{args.threads}threads"
-    profile = fit_profile(name, prefill, decode, transfer, block_size, kv_tokens)
+    profile = fit_profile(name, prefill, decode, transfer, block_size, kv_tokens, decode_cv)
     profile.save(args.out)
     report(profile, prefill, decode, transfer, sharing, args.out)
     return 0
@@ -228,6 +234,7 @@ def report(profile, prefill, decode, transfer, sharing, out) -> None:
         f = profile.decode_step_time(b, ctx)
         table.add_row("decode step", f"batch={b} context={ctx}", f"{t * 1e3:.1f}", f"{f * 1e3:.1f}")
     errors += [abs(profile.decode_step_time(b, ctx) - t) / t for b, ctx, t in decode]
+    table.add_row("decode step spread", f"{DECODE_STEPS} steps per shape", f"cv {profile.decode_step_cv:.1%}", "")
     table.add_row("transfer", f"1 block of {profile.block_size} tokens", f"{transfer * 1e3:.3f}", "")
     cores = os.cpu_count()
     for kind, shape, slowdowns in (("prefill", "N={} cached={}".format(*SHARING_PREFILL), sharing[0]),
@@ -238,7 +245,8 @@ def report(profile, prefill, decode, transfer, sharing, out) -> None:
     Console().print(table)
     print(json.dumps({"profile": out, "name": profile.name, "prefill_coef": profile.prefill_coef,
                       "decode_coef": profile.decode_coef, "transfer_s_per_block": transfer,
-                      "kv_capacity_tokens": profile.kv_capacity_tokens, "prefill_sharing": sharing[0],
+                      "kv_capacity_tokens": profile.kv_capacity_tokens, "decode_step_cv": profile.decode_step_cv,
+                      "prefill_sharing": sharing[0],
                       "decode_sharing": sharing[1], "cpu_cores": cores,
                       "max_relative_error": max(errors), "median_relative_error": sorted(errors)[len(errors) // 2]}))
 

@@ -55,6 +55,17 @@ def test_a_saved_profile_loads_back(tmp_path):
     assert load_profile(str(path)) == paper_70b()
 
 
+def test_a_profile_without_a_decode_step_spread_loads_with_none(tmp_path):
+    path = tmp_path / "spread.json"
+    spread = CostModel("spread", (0.0,) * 5, (0.03, 0.005, 0.0), 1e-3, 16, 4096, decode_step_cv=0.07)
+    spread.save(path)
+    assert load_profile(str(path)) == spread
+    older = json.loads(path.read_text())
+    del older["decode_step_cv"]  # fitted before the spread was measured
+    path.write_text(json.dumps(older))
+    assert load_profile(str(path)).decode_step_cv == 0.0
+
+
 def test_a_bad_profile_is_named(tmp_path):
     with pytest.raises(ValueError, match="nope.json"):
         load_profile(str(tmp_path / "nope.json"))

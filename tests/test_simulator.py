@@ -129,6 +129,21 @@ def test_on_shared_cores_a_decode_step_and_a_prefill_that_overlap_both_slow_down
         SimConfig(cpu_cores=0)
 
 
+def test_a_decode_step_spread_raises_tbt_above_the_mean_gap():
+    """TBT takes a request's slowest 10% of gaps: steps of 0.1 s that vary (cv 20%) keep the
+    mean gap near 0.1 s but make the slowest gaps longer; without spread both are 0.1 s."""
+    trace = [TraceEntry(0.0, Request(0, 10, 41, []))]
+
+    def run(cv):
+        cost = CostModel("spread", (0.0, 0.01, -0.01, 0.0, 0.0), (0.1, 0.0, 0.0), 0.001, 1, 10_000, cv)
+        s = Simulator(SimConfig(1, 1), ConductorConfig(block_size=1), cost, trace).run().summary()
+        return s["avg_tbt_s"], s["avg_tpot_s"]
+    assert run(0.0) == pytest.approx((0.1, 0.1))
+    tbt, tpot = run(0.2)
+    assert tpot == pytest.approx(0.1, rel=0.1) and tbt > 1.2 * tpot
+    assert run(0.2) == (tbt, tpot), "the spread is drawn from a fixed seed"
+
+
 def test_tbt_is_the_mean_of_the_slowest_tenth_of_gaps():
     trace = [entry(0, 0.0, [1], new_tokens=21)]
     result = SimResult.empty(trace, 1, ConductorConfig())

@@ -4,7 +4,9 @@ Predicts the prefill time of a prompt of N tokens of which C are cached, the dec
 time of a batch (batch size, total context tokens), and the time to move KV blocks between
 instances. Every profile has the same polynomial form, so the analytic `paper-70b` profile
 and a profile fitted by least squares to measured timings (a JSON file written by
-`benchmarks/fit_cost_model.py`) are one class.
+`benchmarks/fit_cost_model.py`) are one class. A fitted profile also says how much decode
+steps of one shape vary (`decode_step_cv`), which the paper's TBT, the slowest 10% of a
+request's gaps, feels.
 """
 import json
 import math
@@ -40,11 +42,13 @@ class CostModel:
     transfer_s_per_block: float       # moving one KV block of `block_size` tokens
     block_size: int                   # tokens per block that transfer_s_per_block refers to
     kv_capacity_tokens: int           # KV tokens one decode instance can hold
+    decode_step_cv: float = 0.0       # std / mean of measured steps of one shape; 0: all take their mean
 
     def __post_init__(self):
         assert len(self.prefill_coef) == len(PREFILL_TERMS), f"{self.name}: prefill needs {len(PREFILL_TERMS)} coefficients"
         assert len(self.decode_coef) == len(DECODE_TERMS), f"{self.name}: decode needs {len(DECODE_TERMS)} coefficients"
         assert self.block_size > 0 and self.kv_capacity_tokens > 0, f"{self.name}: block_size and KV capacity must be > 0"
+        assert 0.0 <= self.decode_step_cv < 1.0, f"{self.name}: decode_step_cv must be in [0, 1), got {self.decode_step_cv}"
 
     def prefill_time(self, num_tokens: int, num_cached: int) -> float:
         """Seconds to prefill `num_tokens` of which the first `num_cached` are already cached."""
@@ -96,7 +100,8 @@ def load_profile(name_or_path: str) -> CostModel:
         model = CostModel(name=str(d["name"]), prefill_coef=tuple(map(float, d["prefill_coef"])),
                           decode_coef=tuple(map(float, d["decode_coef"])),
                           transfer_s_per_block=float(d["transfer_s_per_block"]),
-                          block_size=int(d["block_size"]), kv_capacity_tokens=int(d["kv_capacity_tokens"]))
+                          block_size=int(d["block_size"]), kv_capacity_tokens=int(d["kv_capacity_tokens"]),
+                          decode_step_cv=float(d.get("decode_step_cv", 0.0)))
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AssertionError) as e:
         raise ValueError(f"profile {path}: not a valid cost-model JSON ({type(e).__name__}: {e})") from None
     if not all(math.isfinite(x) for x in model.prefill_coef + model.decode_coef):
@@ -106,7 +111,7 @@ def load_profile(name_or_path: str) -> CostModel:
 
 def fit_profile(name: str, prefill_samples: list[tuple[int, int, float]],
                 decode_samples: list[tuple[int, int, float]], transfer_s_per_block: float,
-                block_size: int, kv_capacity_tokens: int) -> CostModel:
+                block_size: int, kv_capacity_tokens: int, decode_step_cv: float = 0.0) -> CostModel:
     """Least-squares fit of the polynomials to measured timings.
 
     prefill_samples: (prompt tokens, cached tokens, seconds); decode_samples: (batch size,
@@ -126,4 +131,4 @@ def fit_profile(name: str, prefill_samples: list[tuple[int, int, float]],
     return CostModel(name=name, prefill_coef=lstsq(prefill_samples, PREFILL_TERMS, "prefill"),
                      decode_coef=lstsq(decode_samples, DECODE_TERMS, "decode"),
                      transfer_s_per_block=transfer_s_per_block, block_size=block_size,
-                     kv_capacity_tokens=kv_capacity_tokens)
+                     kv_capacity_tokens=kv_capacity_tokens, decode_step_cv=decode_step_cv)

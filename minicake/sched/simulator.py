@@ -9,6 +9,8 @@ decode loop's step granularity), `fetch_waits_for_holder` (so is the holder's, f
 and `cpu_cores` (its instances share one machine's cores).
 """
 import heapq
+import math
+import random
 from collections import deque
 from dataclasses import dataclass
 
@@ -106,6 +108,7 @@ class Simulator:
         self.decode_stepping = [False] * config.num_decode
         self.dispatch_pending = [[] for _ in self.decode]  # decode_entry: seen after the step in progress
         self.awaiting_first = [{} for _ in self.prefill]  # decode_entry: request id -> predicted prefill s
+        self.step_rng = random.Random(0)  # decode step times vary by cost.decode_step_cv, reproducibly
         self.cores = SharedCores(config.cpu_cores) if config.cpu_cores is not None else None
         self.job_event: dict[int, int] = {}  # cpu_cores: job -> seq of the event at which it now ends
         self.result = SimResult.empty(trace, config.num_decode, conductor_config)
@@ -263,6 +266,9 @@ class Simulator:
         self.decode_pending[j].clear()
         self.decode_stepping[j] = True
         step_s = self.cost.decode_step_time(state.batch_size, state.context_tokens)
+        if self.cost.decode_step_cv:  # a lognormal factor of mean 1 and that spread
+            sigma = math.sqrt(math.log1p(self.cost.decode_step_cv ** 2))
+            step_s *= self.step_rng.lognormvariate(-sigma * sigma / 2, sigma)
         self.result.decode_busy_s += step_s
         self._start_job(DECODE_STEP, j, step_s, now)
 
