@@ -2,8 +2,9 @@
 
 Times prefills of N prompt tokens of which C are prefix-cache hits, decode steps of B sequences
 holding T context tokens as a decode instance runs them (the gaps between tokens at the client
-of a 1 prefill + 1 decode cluster: the step and its loop's own work; a decode instance's steps
-measured 29-31 ms here where `Engine.step()` alone in a process measured 36 ms, cause unknown),
+of a cluster shaped like the deployment, --prefill prefill instances with host KV pools and one
+decode instance: the step and its loop's own work; a decode instance's batch-1 steps measured
+26-32 ms here where `Engine.step()` alone in a process measured 36 ms, cause unknown),
 and a gloo send of one KV block (all layers) between two processes;
 fits the polynomials of minicake/sched/cost_model.py by least squares and writes the JSON
 profile that `python -m minicake.sim --profile FILE` reads. Then times one prefill and one decode
@@ -97,15 +98,15 @@ def time_decode(engine: Engine, batch: int, ctx: int, steps: int, rng: random.Ra
     return samples
 
 
-def time_decode_instance(model: str, block_size: int, max_batch: int, steps: int, rng: random.Random,
-                         vocab: int) -> tuple[list[tuple[int, int, float]], float]:
+def time_decode_instance(model: str, block_size: int, num_prefill: int, max_batch: int, steps: int,
+                         rng: random.Random, vocab: int) -> tuple[list[tuple[int, int, float]], float]:
     """(batch size, context tokens, seconds) of the decode steps of a decode instance (b requests
     enter together; each step's gap is the median over them once all b decode), and the spread
     of steps of one shape: the root mean square of step / mean of its shape - 1."""
     config = EngineConfig(model=model, device="cpu", block_size=block_size, num_kv_blocks=16384 // block_size,
-                          max_num_batched_tokens=1024, num_threads=1)
+                          kv_pool_blocks=16384 // block_size, max_num_batched_tokens=1024, num_threads=1)
     samples, deviations = [], []
-    with Cluster(config, prefill_instances=1, decode_instances=1) as cluster:
+    with Cluster(config, prefill_instances=num_prefill, decode_instances=1) as cluster:
         for b in [b for b in DECODE_BATCHES if b <= max_batch]:
             for ctx in DECODE_CONTEXTS:
                 params = SamplingParams(temperature=0.0, max_tokens=steps + 2, ignore_eos=True)
@@ -194,6 +195,7 @@ def main() -> int:
     p.add_argument("--out", default="minicake/sched/profiles/smollm2-135m-cpu.json")
     p.add_argument("--block-size", type=int, default=EngineConfig.block_size,
                    help="tokens per KV block, as in the deployment the profile is for")
+    p.add_argument("--prefill", type=int, default=2, help="prefill instances beside the decode instance timed")
     p.add_argument("--max-batch", type=int, default=8, choices=DECODE_BATCHES,
                    help="fit decode steps of batches up to this (4: the C kernels' small-batch regime)")
     p.add_argument("--neighbours", type=int, default=2,
@@ -208,7 +210,8 @@ def main() -> int:
     rng, vocab = random.Random(0), mc.vocab_size
     time_prefill(engine, 64, 0, rng, vocab)  # warm-up
     prefill = [median_prefill(engine, n, c, rng, vocab) for n, c in PREFILL_SHAPES]
-    decode, decode_cv = time_decode_instance(args.model, args.block_size, args.max_batch, DECODE_STEPS, rng, vocab)
+    decode, decode_cv = time_decode_instance(args.model, args.block_size, args.prefill, args.max_batch, DECODE_STEPS,
+                                             rng, vocab)
     transfer = time_block_transfer((2, mc.num_hidden_layers, block_size, mc.num_key_value_heads, mc.head_dim))
     dtype = next(engine.model.parameters()).dtype
     block_bytes = bytes_per_block(mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, block_size, dtype)
