@@ -76,10 +76,11 @@ def test_early_admission_rejects_when_the_predicted_ttft_breaks_the_slo():
     assert c.decode[0].reserved_tokens == 0 and not c.requests, "a rejection commits nothing"
 
 
-# --- a live cluster: 2 prefill instances (small device caches, host pools) + 1 decode --------
+# --- a live cluster: 2 prefill instances (small device caches, host pools) + 2 decode ---------
 # Started once for the rest of this module (process start is slow on a small CPU); the last test
 # kills an instance. "The Conductor believes instance i is busy" is set by hand where a test needs
-# a routing decision to go one way: the same decision code then runs as it would under load.
+# a routing decision to go one way: the same decision code then runs as it would under load. The
+# Conductor predicts with COST, so a decode instance's predicted TBT grows with its batch.
 
 import math  # noqa: E402
 import os  # noqa: E402
@@ -106,7 +107,7 @@ def tokens(n, seed):
 
 @pytest.fixture(scope="module")
 def llm(tiny_checkpoint):
-    with LLM(str(tiny_checkpoint("llama")), prefill_instances=2, decode_instances=1, **SETTINGS) as llm:
+    with LLM(str(tiny_checkpoint("llama")), prefill_instances=2, decode_instances=2, cost=COST, **SETTINGS) as llm:
         yield llm
 
 
@@ -116,9 +117,9 @@ def colocated(tiny_checkpoint):
     engine = Engine(EngineConfig(model=str(tiny_checkpoint("llama")), device="cpu", block_size=BLOCK,
                                  num_kv_blocks=128, num_threads=1, enable_prefix_caching=False))
 
-    def generate(prompts):
+    def generate(prompts, params=GREEDY):
         for i, p in enumerate(prompts):
-            engine.add_request(f"ref-{i}", p, GREEDY)
+            engine.add_request(f"ref-{i}", p, params)
         out = {}
         while engine.has_unfinished_requests():
             for o in engine.step():
@@ -173,6 +174,31 @@ def test_a_prefix_migrates_from_another_instances_pool_with_the_same_tokens(llm,
     assert out.num_cached_tokens == 36, "the 9 blocks came from instance 0 and were not recomputed"
     wait_for(lambda: rank_stats(llm, 1).get("num_fetched_blocks") == 9)
     wait_for(lambda: all(h == {0, 1} for h in holders(llm, follow_up)[:9]))  # the puller keeps them
+
+
+def test_the_conductor_sends_a_request_to_the_decode_instance_with_the_lower_predicted_tbt(llm, colocated):
+    """The first request decodes on instance 0 (both idle: a tie); while it runs, instance 0's
+    predicted TBT counts it, so the next request goes to the idle instance 1. Tokens equal the
+    colocated engine's, and afterwards no instance holds a block."""
+    cluster = llm.engine.cluster
+    transfers = rank_stats(llm, 3).get("num_transfers", 0)  # decode instance 1 is rank 3
+    first, second = tokens(8, seed=300), tokens(20, seed=301)
+    long = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)
+    cluster.add_request("first", first, long)
+    chosen = [cluster.conductor.requests["first"].decision.decode_id]
+    outs = []
+    wait_for(lambda: outs.extend(cluster.get_outputs(timeout=0.1)) or bool(outs))  # it decodes now
+    cluster.add_request("second", second, GREEDY)
+    chosen.append(cluster.conductor.requests["second"].decision.decode_id)
+    wait_for(lambda: outs.extend(cluster.get_outputs(timeout=0.1)) or sum(o.finished for o in outs) == 2, limit=30)
+    got = {rid: [t for o in outs if o.request_id == rid for t in o.new_token_ids] for rid in ("first", "second")}
+    assert chosen == [0, 1]
+    assert got["first"] == colocated([first], long)[0] and got["second"] == colocated([second])[0]
+    wait_for(lambda: rank_stats(llm, 3).get("num_transfers") == transfers + 1)  # it ran on rank 3
+    wait_for(lambda: all(s["num_free_blocks"] == s["num_blocks"] > 0 and s["num_running"] == 0
+                         for s in cluster.stats()))
+    assert not cluster._requests and not cluster.conductor.requests, "nothing left behind"
+    assert all(d.reserved_tokens == d.batch_size == d.context_tokens == 0 for d in cluster.conductor.decode)
 
 
 def test_admission_control_refuses_with_a_clear_error(llm):
