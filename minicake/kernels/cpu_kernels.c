@@ -18,6 +18,13 @@
 #include <math.h>
 #include <stdlib.h>
 
+/* a . b over n floats (vectorized: -ffast-math lets the compiler reorder the sum) */
+static inline float dot(const float *a, const float *b, int n) {
+    float sum = 0.f;
+    for (int d = 0; d < n; d++) sum += a[d] * b[d];
+    return sum;
+}
+
 /* q, out        [num_seqs, num_q_heads, head_dim]
  * k/v_cache     [num_blocks, block_size, num_kv_heads, head_dim]
  * block_tables  [num_seqs, max_blocks] int32;  seq_lens [num_seqs] int32
@@ -45,9 +52,7 @@ void paged_decode_attention(const float *q, const float *k_cache, const float *v
                 const float *k = block + j * row;
                 for (int i = 0; i < num_q_heads; i++) {
                     const float *qi = qs + (long)i * head_dim, *ki = k + (long)(i / group) * head_dim;
-                    float dot = 0.f;
-                    for (int d = 0; d < head_dim; d++) dot += qi[d] * ki[d];
-                    scores[(long)i * len + t0 + j] = dot * scale;
+                    scores[(long)i * len + t0 + j] = dot(qi, ki, head_dim) * scale;
                 }
             }
         }
@@ -117,11 +122,7 @@ void small_batch_linear(const float *x, const float *w, float *y, int m, int n, 
     if (m <= 4) {
 #pragma omp parallel for schedule(static) num_threads(num_threads)
         for (int j = 0; j < n; j++)
-            for (int i = 0; i < m; i++) {
-                float dot = 0.f;
-                for (int d = 0; d < k; d++) dot += x[(long)i * k + d] * w[(long)j * k + d];
-                y[(long)i * n + j] = dot;
-            }
+            for (int i = 0; i < m; i++) y[(long)i * n + j] = dot(x + (long)i * k, w + (long)j * k, k);
         return;
     }
 #pragma omp parallel for schedule(static) num_threads(num_threads)
@@ -131,9 +132,5 @@ void small_batch_linear(const float *x, const float *w, float *y, int m, int n, 
         for (; i < m; i++) linear_tile_1(x + (long)i * k, w + (long)j * k, y + (long)i * n + j, n, k);
     }
     for (int j = n - n % 4; j < n; j++) /* the last n % 4 rows of w, if any */
-        for (int i = 0; i < m; i++) {
-            float dot = 0.f;
-            for (int d = 0; d < k; d++) dot += x[(long)i * k + d] * w[(long)j * k + d];
-            y[(long)i * n + j] = dot;
-        }
+        for (int i = 0; i < m; i++) y[(long)i * n + j] = dot(x + (long)i * k, w + (long)j * k, k);
 }
