@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from minicake.kernels import cpu_kernels
+from minicake.model.loader import load_model
 from minicake.kernels.reference import decode_attention_ref, paged_attention_ref
 from test_kernel_paged_attention import FP32_TOL, make_batch
 
@@ -35,7 +36,7 @@ def test_mixed_batch_routes_decodes_to_the_kernel():
     torch.testing.assert_close(out, paged_attention_ref(*batch.args), **FP32_TOL)
 
 
-def test_no_compiler_warns_once_and_torch_does_the_work(monkeypatch, tmp_path, caplog):
+def test_no_compiler_warns_once_and_torch_does_the_work(monkeypatch, tmp_path, caplog, tiny_checkpoint):
     monkeypatch.setenv("MINICAKE_CACHE", str(tmp_path))  # nothing built here yet
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setattr(cpu_kernels, "_library", None)
@@ -43,17 +44,29 @@ def test_no_compiler_warns_once_and_torch_does_the_work(monkeypatch, tmp_path, c
     assert "no-such-compiler" in caplog.text and "torch does its work instead" in caplog.text
     caplog.clear()
     assert cpu_kernels.library() is None and not caplog.text, "one warning, not one per call"
-    x, w = torch.randn(2, 16), torch.randn(8, 16)
-    torch.testing.assert_close(cpu_kernels.linear(x, w), torch.nn.functional.linear(x, w))
+    model = load_model(tiny_checkpoint("llama"), device="cpu")
+    assert model.layers[0].mlp.up_proj.weight.dim() == 2, "left unpacked: torch's matmul reads it"
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [1, 3, 4, 9, cpu_kernels.SMALL_BATCH_ROWS, cpu_kernels.SMALL_BATCH_ROWS + 1])
-@pytest.mark.parametrize("in_features,out_features", [(96, 200), (64, 7), (40, 12)])  # 7: a partial tile; 40: not 16k
+@pytest.mark.parametrize("rows", [1, 3, 12, 13, 27, 300])  # whole tiles of 12 rows and every leftover size
+@pytest.mark.parametrize("in_features,out_features", [(96, 200), (64, 7), (40, 32)])  # 200, 7: a partial panel
 @pytest.mark.parametrize("bias", [False, True])
-def test_linear_equals_torch(rows, in_features, out_features, bias):
+def test_packed_linear_equals_torch(rows, in_features, out_features, bias):
     gen = torch.Generator().manual_seed(rows)
     layer = cpu_kernels.Linear(in_features, out_features, bias=bias)
     x = torch.randn(rows, in_features, generator=gen)
     with torch.inference_mode():
-        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), **FP32_TOL)
+        expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
+        layer.pack()
+        assert layer.weight.shape == (-(-out_features // 32), in_features, 32)
+        torch.testing.assert_close(layer(x), expected, **FP32_TOL)
+
+
+@needs_kernel
+def test_loading_packs_every_linear_weight_and_the_tied_head(tiny_checkpoint):
+    model = load_model(tiny_checkpoint("llama"), device="cpu")  # tied embedding
+    assert all(m.weight.dim() == 3 for m in model.modules() if isinstance(m, cpu_kernels.Linear))
+    hidden = torch.randn(5, model.config.hidden_size)
+    expected = torch.nn.functional.linear(hidden, model.embed_tokens.weight)
+    torch.testing.assert_close(model.compute_logits(hidden), expected, **FP32_TOL)

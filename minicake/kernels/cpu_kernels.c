@@ -90,47 +90,52 @@ void paged_decode_attention(const float *q, const float *k_cache, const float *v
 /* 16 floats: GCC/Clang vector extension, compiled to AVX-512 (or two AVX2) registers; aligned(4)
  * lets it load from any float address. */
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
+#define PANEL 32 /* output columns per panel of packed weights: two v16 */
+#define TILE_ROWS 12 /* rows of x per tile: 12 x 2 accumulators + 2 weight registers of the 32 */
 
-/* One output tile: y[r, c] = x[r] . w[c] for R rows of x (4 or 1) and 4 rows of w, k a multiple
- * of 16. The R x 4 accumulators stay in registers along k; each is summed across its lanes once
- * at the end. A macro makes one copy per R, so that R is a constant the loops unroll over. */
-#define LINEAR_TILE(R)                                                                          \
-    static void linear_tile_##R(const float *x, const float *w, float *y, int n, int k) {       \
-        v16 acc[R][4] = {0};                                                                     \
-        for (int d = 0; d < k; d += 16) {                                                        \
-            const v16 w0 = *(const v16 *)(w + d), w1 = *(const v16 *)(w + k + d);               \
-            const v16 w2 = *(const v16 *)(w + 2L * k + d), w3 = *(const v16 *)(w + 3L * k + d);  \
-            for (int r = 0; r < R; r++) {                                                        \
-                const v16 a = *(const v16 *)(x + (long)r * k + d);                               \
-                acc[r][0] += a * w0; acc[r][1] += a * w1; acc[r][2] += a * w2; acc[r][3] += a * w3; \
-            }                                                                                    \
-        }                                                                                        \
-        for (int r = 0; r < R; r++)                                                              \
-            for (int c = 0; c < 4; c++) {                                                        \
-                float sum = 0.f;                                                                 \
-                for (int i = 0; i < 16; i++) sum += acc[r][c][i];                                \
-                y[(long)r * n + c] = sum;                                                        \
-            }                                                                                    \
+/* One tile: y[0:R, 0:cols] = x[0:R, :] . panel, for R <= 12 rows of x (a constant where this is
+ * inlined, so the loops unroll and acc lives in registers). Along k, each step loads one row of
+ * the panel (32 weights, the next 128 bytes) and adds x[r, d] times it to row r's accumulators. */
+static inline __attribute__((always_inline)) void linear_tile(const float *x, const float *panel, float *y,
+                                                              const int R, int cols, int n, int k) {
+    v16 acc[TILE_ROWS][2] = {0};
+    for (int d = 0; d < k; d++) {
+        const v16 w0 = *(const v16 *)(panel + d * PANEL), w1 = *(const v16 *)(panel + d * PANEL + 16);
+        for (int r = 0; r < R; r++) {
+            const float a = x[(long)r * k + d];
+            acc[r][0] += a * w0;
+            acc[r][1] += a * w1;
+        }
     }
-LINEAR_TILE(4)
-LINEAR_TILE(1)
+    for (int r = 0; r < R; r++) {
+        float *yr = y + (long)r * n;
+        if (cols == PANEL) {
+            *(v16 *)yr = acc[r][0];
+            *(v16 *)(yr + 16) = acc[r][1];
+        } else { /* the last panel, padded with zero weights: keep the real columns */
+            for (int c = 0; c < cols; c++) yr[c] = c < 16 ? acc[r][0][c] : acc[r][1][c - 16];
+        }
+    }
+}
 
-/* x [m, k], w [n, k] (nn.Linear's layout), y [m, n]; k a multiple of 16. Threads split the rows
- * of w. Up to 4 rows of x the product is bound by reading w: each row of w is streamed once
- * against every row of x. Beyond, in groups of 4 rows of w, 4 x 4 tiles, then the rows left over. */
-void small_batch_linear(const float *x, const float *w, float *y, int m, int n, int k, int num_threads) {
-    if (m <= 4) {
+/* All rows of x against one panel: tiles of 12 rows, then what is left in tiles of 8, 4, 2, 1. */
+static void linear_panel(const float *x, const float *panel, float *y, int m, int cols, int n, int k) {
+    int i = 0;
+    for (; i + TILE_ROWS <= m; i += TILE_ROWS) linear_tile(x + (long)i * k, panel, y + (long)i * n, TILE_ROWS, cols, n, k);
+    if (m - i >= 8) { linear_tile(x + (long)i * k, panel, y + (long)i * n, 8, cols, n, k); i += 8; }
+    if (m - i >= 4) { linear_tile(x + (long)i * k, panel, y + (long)i * n, 4, cols, n, k); i += 4; }
+    if (m - i >= 2) { linear_tile(x + (long)i * k, panel, y + (long)i * n, 2, cols, n, k); i += 2; }
+    if (m - i >= 1) linear_tile(x + (long)i * k, panel, y + (long)i * n, 1, cols, n, k);
+}
+
+/* x [m, k], panels [ceil(n / 32), k, 32] (weight row j is panels[j / 32, :, j % 32]), y [m, n].
+ * Threads split the panels; each panel (k x 128 bytes) stays in cache while every row of x
+ * passes by. */
+void packed_linear(const float *x, const float *panels, float *y, int m, int n, int k, int num_threads) {
+    const int num_panels = (n + PANEL - 1) / PANEL;
 #pragma omp parallel for schedule(static) num_threads(num_threads)
-        for (int j = 0; j < n; j++)
-            for (int i = 0; i < m; i++) y[(long)i * n + j] = dot(x + (long)i * k, w + (long)j * k, k);
-        return;
+    for (int p = 0; p < num_panels; p++) {
+        const int cols = n - p * PANEL < PANEL ? n - p * PANEL : PANEL;
+        linear_panel(x, panels + (long)p * k * PANEL, y + p * PANEL, m, cols, n, k);
     }
-#pragma omp parallel for schedule(static) num_threads(num_threads)
-    for (int j = 0; j < n - 3; j += 4) {
-        int i = 0;
-        for (; i + 4 <= m; i += 4) linear_tile_4(x + (long)i * k, w + (long)j * k, y + (long)i * n + j, n, k);
-        for (; i < m; i++) linear_tile_1(x + (long)i * k, w + (long)j * k, y + (long)i * n + j, n, k);
-    }
-    for (int j = n - n % 4; j < n; j++) /* the last n % 4 rows of w, if any */
-        for (int i = 0; i < m; i++) y[(long)i * n + j] = dot(x + (long)i * k, w + (long)j * k, k);
 }

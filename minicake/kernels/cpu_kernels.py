@@ -2,8 +2,9 @@
 
 - `decode_attention`: paged attention for decode tokens, reading K/V in place (the torch
   reference gathers them first). `model/attention.py` hands it the decodes of a step.
-- `linear` (and `Linear`, the model's `nn.Linear`): up to `SMALL_BATCH_ROWS` rows (a decode
-  step) go to a product written for few rows; more rows go to torch's matmul.
+- `packed_linear` (and `Linear`, the model's `nn.Linear`): y = x W^T with W rearranged once
+  into panels of 32 output columns (`pack_weight`), so that the innermost loop reads weights
+  in order and keeps a 12 x 32 block of outputs in vector registers.
 
 On the first call the C file is compiled with the system C compiler (`$CC`, default `cc`)
 into `$MINICAKE_CACHE/kernels/`, under a name that hashes the source and the flags, and
@@ -30,9 +31,6 @@ logger = logging.getLogger("minicake")
 SOURCE = Path(__file__).with_suffix(".c")
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
 BUILD_TIMEOUT_S = 120
-# up to this many rows the C product beats torch's matmul here (measured with 2 threads on the
-# bundled model's weight shapes: 2-2.5x at 1-4 rows, 1.5x at 16, 1.25x at 32, 1.1x at 64, even at 128)
-SMALL_BATCH_ROWS = 64
 _library = None  # the loaded ctypes library; False once a build failed
 
 
@@ -67,8 +65,8 @@ def library():
         # the C signatures: pointers are tensors' data_ptr()s
         ptr, i32 = ctypes.c_void_p, ctypes.c_int
         _library.paged_decode_attention.argtypes = [ptr] * 6 + [i32] * 6 + [ctypes.c_float, i32]
-        _library.small_batch_linear.argtypes = [ptr] * 3 + [i32] * 4
-        _library.paged_decode_attention.restype = _library.small_batch_linear.restype = None
+        _library.packed_linear.argtypes = [ptr] * 3 + [i32] * 4
+        _library.paged_decode_attention.restype = _library.packed_linear.restype = None
     return _library or None
 
 
@@ -94,21 +92,41 @@ def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale):
     return out
 
 
-def linear(x, weight, bias=None):
-    """F.linear, with small float32 CPU batches computed by `small_batch_linear`.
-    x: [m, k]; weight: [n, k], k a multiple of 16; bias: [n] or None. Returns [m, n]."""
-    if not (x.dim() == 2 and x.shape[0] <= SMALL_BATCH_ROWS and x.device.type == "cpu" and weight.shape[1] % 16 == 0
-            and x.dtype == weight.dtype == torch.float32 and weight.is_contiguous() and library()):
-        return F.linear(x, weight, bias)
+PANEL = 32  # output columns per panel of a packed weight (PANEL in the C file)
+
+
+def pack_weight(weight):
+    """[n, k] (nn.Linear's layout) -> the panels `packed_linear` reads: [ceil(n / 32), k, 32], where
+    weight row j is panels[j // 32, :, j % 32] and the last panel is padded with zero rows."""
+    n, k = weight.shape
+    padded = F.pad(weight, (0, 0, 0, -n % PANEL))  # [ceil(n / 32) * 32, k]
+    return padded.view(-1, PANEL, k).transpose(1, 2).contiguous()
+
+
+def packed_linear(x, panels, out_features, bias=None):
+    """F.linear(x, weight, bias) for float32 CPU tensors, given panels = pack_weight(weight).
+    x: [m, k]; bias: [n] or None. Returns [m, n]."""
+    assert x.dim() == 2 and x.dtype == panels.dtype == torch.float32 and x.shape[1] == panels.shape[1]
     x = x.contiguous()
-    out = torch.empty(x.shape[0], weight.shape[0])
-    library().small_batch_linear(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0], weight.shape[0],
-                                 weight.shape[1], torch.get_num_threads())
+    out = torch.empty(x.shape[0], out_features)
+    library().packed_linear(x.data_ptr(), panels.data_ptr(), out.data_ptr(), x.shape[0], out_features,
+                            x.shape[1], torch.get_num_threads())
     return out if bias is None else out.add_(bias)
 
 
 class Linear(nn.Linear):
-    """The model's linear layers: nn.Linear (same parameters, same checkpoints) through `linear`."""
+    """nn.Linear (same parameters, same checkpoints) whose weight can be packed for the CPU.
+
+    `pack()` (load_model calls it on a float32 CPU model once the weights are in, as vLLM
+    rearranges weights in `process_weights_after_loading`) replaces `weight` [n, k] by its
+    panels [ceil(n / 32), k, 32], and the product runs in `packed_linear`: at every batch size
+    at least as fast as torch's matmul here, twice as fast for 8-48 rows (a decode step).
+    """
+
+    def pack(self):
+        self.weight = nn.Parameter(pack_weight(self.weight), requires_grad=False)
 
     def forward(self, x):
-        return linear(x, self.weight, self.bias)
+        if self.weight.dim() == 3:
+            return packed_linear(x, self.weight, self.out_features, self.bias)
+        return F.linear(x, self.weight, self.bias)

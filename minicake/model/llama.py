@@ -6,14 +6,14 @@ head to the embedding. Every step sees all sequences' new tokens concatenated (n
 no batch dimension) and attends through the one paged `attention` call, so prefill chunks
 and decode tokens share a batch. The layers are exposed one by one (`embed`, `layers`,
 `final_norm`) so a prefill instance can act after each layer (DESIGN.md 4.5, 4.6).
-`Linear` is nn.Linear with a faster product for the few rows of a small decode batch on
-the CPU (kernels/cpu_kernels.py).
+`Linear` is nn.Linear whose weights `pack_weights` rearranges, on a float32 CPU model, for
+the C product of kernels/cpu_kernels.py.
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minicake.kernels.cpu_kernels import Linear, linear
+from minicake.kernels.cpu_kernels import Linear, pack_weight, packed_linear
 from minicake.model.attention import AttentionMetadata, attention
 from minicake.model.config import ModelConfig
 from minicake.model.rope import RotaryEmbedding
@@ -109,6 +109,7 @@ class CausalLM(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = None if config.tie_word_embeddings else \
             Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.register_buffer("tied_head_panels", None, persistent=False)  # see pack_weights
 
     def embed(self, input_ids):
         return self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
@@ -127,5 +128,18 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden):
         """hidden: [n, hidden_size] (only the rows to sample from) -> [n, vocab_size] float32."""
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return linear(hidden, weight).float()
+        if self.lm_head is not None:
+            return self.lm_head(hidden).float()
+        if self.tied_head_panels is not None:
+            return packed_linear(hidden, self.tied_head_panels, self.config.vocab_size)
+        return F.linear(hidden, self.embed_tokens.weight).float()
+
+    def pack_weights(self):
+        """Rearrange every linear weight for `packed_linear` (float32, CPU: load_model calls this).
+        A head tied to the embedding gets its own packed copy (vocab_size x hidden_size floats
+        more), a buffer rather than a parameter: the checkpoint has no such tensor."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.pack()
+        if self.lm_head is None:
+            self.tied_head_panels = pack_weight(self.embed_tokens.weight)

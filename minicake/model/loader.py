@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from minicake.kernels import cpu_kernels
 from minicake.model.bundled import BUNDLED_NAME, bundled_model_dir
 from minicake.model.config import ModelConfig
 from minicake.model.llama import CausalLM
@@ -78,7 +79,10 @@ def load_model(path, device=None, dtype: torch.dtype | None = None) -> CausalLM:
     if missing:
         raise ValueError(f"{len(missing)} tensors missing from the checkpoint in {path}, "
                          f"first: {_checkpoint_name(missing[0])!r}")
-    return model.eval().requires_grad_(False)
+    model.eval().requires_grad_(False)
+    if device.type == "cpu" and dtype == torch.float32 and cpu_kernels.library():
+        model.pack_weights()  # the layout of the C matmul (kernels/cpu_kernels.py)
+    return model
 
 
 def _target_name(name: str, config: ModelConfig) -> str | None:
