@@ -45,7 +45,7 @@ def test_no_compiler_warns_once_and_torch_does_the_work(monkeypatch, tmp_path, c
     caplog.clear()
     assert cpu_kernels.library() is None and not caplog.text, "one warning, not one per call"
     model = load_model(tiny_checkpoint("llama"), device="cpu")
-    assert model.layers[0].mlp.up_proj.weight.dim() == 2, "left unpacked: torch's matmul reads it"
+    assert model.layers[0].mlp.gate_up_proj.weight.dim() == 2, "left unpacked: torch's matmul reads it"
 
 
 @needs_kernel
@@ -58,7 +58,7 @@ def test_packed_linear_equals_torch(rows, in_features, out_features, bias):
     x = torch.randn(rows, in_features, generator=gen)
     with torch.inference_mode():
         expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
-        layer.pack()
+        layer.weight = torch.nn.Parameter(cpu_kernels.pack_weight(layer.weight), requires_grad=False)
         assert layer.weight.shape == (-(-out_features // 32), in_features, 32)
         torch.testing.assert_close(layer(x), expected, **FP32_TOL)
 
@@ -70,3 +70,9 @@ def test_loading_packs_every_linear_weight_and_the_tied_head(tiny_checkpoint):
     hidden = torch.randn(5, model.config.hidden_size)
     expected = torch.nn.functional.linear(hidden, model.embed_tokens.weight)
     torch.testing.assert_close(model.compute_logits(hidden), expected, **FP32_TOL)
+
+
+def test_huge_page_empty_is_aligned_to_a_huge_page():
+    buffer = cpu_kernels.huge_page_empty(1000)
+    assert buffer.shape == (1000,) and buffer.dtype == torch.float32
+    assert buffer.data_ptr() % cpu_kernels.HUGE_PAGE == 0

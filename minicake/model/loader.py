@@ -14,7 +14,7 @@ from safetensors import safe_open
 from minicake.kernels import cpu_kernels
 from minicake.model.bundled import BUNDLED_NAME, bundled_model_dir
 from minicake.model.config import ModelConfig
-from minicake.model.llama import CausalLM
+from minicake.model.llama import CausalLM, StackedLinear
 
 
 def resolve_model(name_or_path: str) -> Path:
@@ -58,40 +58,49 @@ def load_model(path, device=None, dtype: torch.dtype | None = None) -> CausalLM:
     with torch.device("meta"):
         model = CausalLM(config).to(dtype)
     model.to_empty(device=device)  # allocate, uninitialized: every parameter is loaded below
-    params = dict(model.named_parameters())
+    expected = checkpoint_tensors(model)
     loaded = set()
     for file in safetensors_files(path):
         with safe_open(file, framework="pt", device=str(device)) as f:
             for name in f.keys():
-                target = _target_name(name, config)
-                if target is None:
+                if _unused(name, config):
                     continue
-                if target not in params:
+                if name not in expected:
                     raise ValueError(f"unexpected tensor {name!r} in {file} for {config.architecture}")
-                tensor, param = f.get_tensor(name), params[target]
-                if tensor.shape != param.shape:
+                tensor, target = f.get_tensor(name), expected[name]
+                if tensor.shape != target.shape:
                     raise ValueError(f"tensor {name!r} in {file} has shape {tuple(tensor.shape)}, "
-                                     f"the model expects {tuple(param.shape)}")
+                                     f"the model expects {tuple(target.shape)}")
                 with torch.no_grad():
-                    param.copy_(tensor)
-                loaded.add(target)
-    missing = sorted(set(params) - loaded)
+                    target.copy_(tensor)
+                loaded.add(name)
+    missing = sorted(set(expected) - loaded)
     if missing:
-        raise ValueError(f"{len(missing)} tensors missing from the checkpoint in {path}, "
-                         f"first: {_checkpoint_name(missing[0])!r}")
+        raise ValueError(f"{len(missing)} tensors missing from the checkpoint in {path}, first: {missing[0]!r}")
     model.eval().requires_grad_(False)
     if device.type == "cpu" and dtype == torch.float32 and cpu_kernels.library():
         model.pack_weights()  # the layout of the C matmul (kernels/cpu_kernels.py)
     return model
 
 
-def _target_name(name: str, config: ModelConfig) -> str | None:
-    """The parameter a checkpoint tensor fills, or None for tensors that carry nothing we use."""
-    if name.endswith("rotary_emb.inv_freq"):
-        return None  # recomputed from the config
-    if name == "lm_head.weight" and config.tie_word_embeddings:
-        return None  # the tied head reuses the embedding
-    return name.removeprefix("model.")
+def checkpoint_tensors(model: CausalLM) -> dict[str, torch.Tensor]:
+    """Every tensor name a checkpoint must hold -> the parameter (or, for the parts of a
+    `StackedLinear`, the rows of it) that its values go to."""
+    tensors = {}
+    for module_name, module in model.named_modules():
+        for kind, param in module.named_parameters(recurse=False):  # kind: "weight" or "bias"
+            if isinstance(module, StackedLinear):
+                parent = module_name.rpartition(".")[0]  # "layers.3.self_attn"
+                for part, rows in module.part_rows().items():
+                    tensors[_checkpoint_name(f"{parent}.{part}.{kind}")] = param[rows]
+            else:
+                tensors[_checkpoint_name(f"{module_name}.{kind}")] = param
+    return tensors
+
+
+def _unused(name: str, config: ModelConfig) -> bool:
+    """Checkpoint tensors that carry nothing we use."""
+    return name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and config.tie_word_embeddings)
 
 
 def _checkpoint_name(param_name: str) -> str:
