@@ -1,6 +1,9 @@
-"""The C decode-attention kernel of the CPU path equals the torch reference, reads only the
-slots a sequence owns (every other slot holds NaN), and the engine falls back to the
-reference, with a warning, where no C compiler is found."""
+"""The C kernels of the CPU path equal torch: decode attention equals the torch reference and
+reads only the slots a sequence owns (every other slot holds NaN); the packed matmul equals
+F.linear for every leftover of its 12-row tiles and 32-column panels; the fused RMSNorm and
+the in-place RoPE equal their formulas. Where no C compiler is found, one warning and torch
+does the work.
+"""
 import pytest
 import torch
 
@@ -76,3 +79,34 @@ def test_huge_page_empty_is_aligned_to_a_huge_page():
     buffer = cpu_kernels.huge_page_empty(1000)
     assert buffer.shape == (1000,) and buffer.dtype == torch.float32
     assert buffer.data_ptr() % cpu_kernels.HUGE_PAGE == 0
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 40])  # 40: split between the threads
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_equals_the_formula(rows, with_residual):
+    x, residual, weight = torch.randn(rows, 96), torch.randn(rows, 96), torch.rand(96) + 0.5
+    h = x + residual if with_residual else x
+    expected = weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6))
+    out = cpu_kernels.rms_norm(x, weight, 1e-6, residual if with_residual else None)
+    if with_residual:
+        out, new_residual = out
+        torch.testing.assert_close(new_residual, h, **FP32_TOL)
+    torch.testing.assert_close(out, expected, **FP32_TOL)
+
+
+@needs_kernel
+@pytest.mark.parametrize("tokens", [1, 33])
+def test_rope_rotates_a_strided_view_in_place_like_rotate_half(tokens):
+    from minicake.model.rope import RotaryEmbedding
+    rotary = RotaryEmbedding(head_dim=32, theta=10000.0, max_positions=128, scaling=None)
+    cos, sin = rotary._table(torch.device("cpu"))
+    positions = torch.randint(0, 128, (tokens,))
+    fused = torch.randn(tokens, 5 * 32)  # like a q/k/v output: 3 heads of q, then 2 of k
+    q = fused[:, :96].view(tokens, 3, 32)  # token rows 160 floats apart
+    x1, x2 = q.chunk(2, dim=-1)
+    expected = q * cos[positions, None] + torch.cat((-x2, x1), dim=-1) * sin[positions, None]
+    untouched = fused[:, 96:].clone()
+    cpu_kernels.rope_(q, positions, cos, sin)
+    torch.testing.assert_close(q, expected, **FP32_TOL)
+    assert torch.equal(fused[:, 96:], untouched), "wrote outside the view"

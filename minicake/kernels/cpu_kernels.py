@@ -2,6 +2,8 @@
 
 - `decode_attention`: paged attention for decode tokens, reading K/V in place (the torch
   reference gathers them first). `model/attention.py` hands it the decodes of a step.
+- `rms_norm` (residual add fused in) and `rope_` (in place): what a decode step runs between
+  its matmuls, as one C call each instead of several small torch ops.
 - `packed_linear` (and `Linear`, the model's `nn.Linear`): y = x W^T with W rearranged once
   into panels of 32 output columns (`pack_weight`), so that the innermost loop reads weights
   in order and keeps a 12 x 32 block of outputs in vector registers.
@@ -66,8 +68,41 @@ def library():
         ptr, i32 = ctypes.c_void_p, ctypes.c_int
         _library.paged_decode_attention.argtypes = [ptr] * 6 + [i32] * 6 + [ctypes.c_float, i32]
         _library.packed_linear.argtypes = [ptr] * 3 + [i32] * 4
-        _library.paged_decode_attention.restype = _library.packed_linear.restype = None
+        _library.rms_norm.argtypes = [ptr] * 5 + [i32] * 2 + [ctypes.c_float, i32]
+        _library.rope.argtypes = [ptr] * 4 + [i32] * 3 + [ctypes.c_long, i32]
+        for kernel in (_library.paged_decode_attention, _library.packed_linear, _library.rms_norm, _library.rope):
+            kernel.restype = None
     return _library or None
+
+
+def usable(x) -> bool:
+    """Whether the C kernels can take x: a float32 CPU tensor, and the library is built."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and library() is not None
+
+
+def rms_norm(x, weight, eps, residual=None):
+    """Same result as `llama.RMSNorm`. x, residual: [..., dim] contiguous float32; weight: [dim].
+    Returns the normalized x, or with a residual (out, x + residual) with the sum normalized."""
+    assert x.is_contiguous() and (residual is None or residual.is_contiguous())
+    dim = x.shape[-1]
+    out = torch.empty_like(x)
+    new_residual = None if residual is None else torch.empty_like(x)
+    library().rms_norm(x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(),
+                       out.data_ptr(), None if residual is None else new_residual.data_ptr(),
+                       x.numel() // dim, dim, eps, torch.get_num_threads())
+    return out if residual is None else (out, new_residual)
+
+
+def rope_(x, positions, cos_table, sin_table):
+    """Rotate x [num_tokens, heads, head_dim] in place by the angles of `positions` [num_tokens]
+    (int64); cos/sin_table: [max_positions, head_dim] float32. Token rows of x may be strided
+    (a view of the fused q/k/v output); each row's heads must be contiguous."""
+    n, heads, head_dim = x.shape
+    assert x.stride(2) == 1 and x.stride(1) == head_dim and cos_table.is_contiguous() and sin_table.is_contiguous()
+    positions = positions.to(torch.int64).contiguous()
+    library().rope(x.data_ptr(), positions.data_ptr(), cos_table.data_ptr(), sin_table.data_ptr(),
+                   n, heads, head_dim, x.stride(0), torch.get_num_threads())
+    return x
 
 
 def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale):

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minicake.kernels import cpu_kernels
 from minicake.kernels.cpu_kernels import Linear, huge_page_empty, pack_weight, packed_linear, packed_numel
 from minicake.model.attention import AttentionMetadata, attention
 from minicake.model.config import ModelConfig
@@ -28,6 +29,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x, residual=None):
+        if cpu_kernels.usable(x) and x.is_contiguous():  # the same, as one C call
+            return cpu_kernels.rms_norm(x, self.weight, self.eps, residual)
         if residual is not None:
             x = residual = x + residual
         out = self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
