@@ -66,3 +66,17 @@ def test_mixed_prefill_and_decode_in_one_batch(models):
     decode_a, prefill_b = cache.forward(model, [(0, len(a), [17]), (1, 0, b)])
     torch.testing.assert_close(decode_a[0], hf_logits(hf, a + [17])[-1], atol=1e-4, rtol=0)
     torch.testing.assert_close(prefill_b, hf_logits(hf, b), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_torch_path_without_c_kernels_equals_transformers(arch, tiny_checkpoint, monkeypatch):
+    """Where no C compiler is found (or on a GPU) every op is torch's: unpacked weights, the
+    torch norm and RoPE, the reference attention. Same tokens."""
+    from minicake.kernels import cpu_kernels
+    monkeypatch.setattr(cpu_kernels, "_library", False)  # as after a failed build
+    path = tiny_checkpoint(arch)
+    model = load_model(path, device="cpu")
+    assert model.layers[0].self_attn.qkv_proj.weight.dim() == 2
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    tokens, _, _ = greedy(model, PROMPTS, num_tokens=16)
+    assert tokens == [hf_greedy(hf, prompt, 16) for prompt in PROMPTS]
