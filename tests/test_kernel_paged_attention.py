@@ -76,8 +76,10 @@ BATCHES = {
 
 
 @pytest.mark.parametrize("group", [1, 3])
-def test_reference_equals_dense_causal_attention(group):
-    batch = make_batch(MIXED, group=group)
+@pytest.mark.parametrize("seqs", [MIXED, [(0, 300), (40, 200), (37, 1)]], ids=["mixed", "long_chunks"])
+def test_reference_equals_dense_causal_attention(group, seqs):
+    # long_chunks: prefills spanning several of the reference's causal query tiles (PREFILL_TILE)
+    batch = make_batch(seqs, group=group)
     q, query_start_loc = batch.args[0], batch.args[5].tolist()
     out = paged_attention_ref(*batch.args)
     for s, (k, v) in enumerate(zip(batch.ks, batch.vs)):

@@ -8,6 +8,7 @@ sequence's block table lists the blocks that hold its tokens in order.
 """
 import torch
 
+PREFILL_TILE = 128  # query rows per causal tile of a prefill chunk
 DECODE_GROUP = 8  # decodes per batched call: sorted by length, so a group pads little and stays in cache
 
 
@@ -104,24 +105,43 @@ def _decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale):
 def _prefill_attention(q, k_cache, v_cache, block_table, seq_len, scale):
     """The q_len new tokens of one sequence, at positions seq_len - q_len ..., over its cache.
 
-    q: [q_len, num_q_heads, head_dim]. The query heads that share a kv head are stacked as one
-    longer query, so the kv heads are never copied for GQA. Scores, causal mask and scale in
-    one `baddbmm` (an additive -inf bias): fewer passes than SDPA's math path with a bool mask.
+    q: [q_len, num_q_heads, head_dim]. The query rows go in tiles of PREFILL_TILE: a tile
+    attends only up to its own last position, so most of the masked upper triangle of a long
+    chunk is never computed (a 512-token prompt: 62% of the scores of one 512 x 512 product).
     """
     q_len, num_q_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    group = num_q_heads // num_kv_heads
     blocks = block_table[:-(-seq_len // block_size)].long()
     # gather the sequence's blocks (one row per block): [seq_len, num_kv_heads, head_dim]
     k = k_cache.view(k_cache.shape[0], -1).index_select(0, blocks).view(-1, num_kv_heads, head_dim)[:seq_len]
     v = v_cache.view(v_cache.shape[0], -1).index_select(0, blocks).view(-1, num_kv_heads, head_dim)[:seq_len]
-    # q_g: [num_kv_heads, group * q_len, head_dim], head h = kv_head * group + g
-    q_g = q.view(q_len, num_kv_heads, group, head_dim).permute(1, 2, 0, 3).reshape(num_kv_heads, -1, head_dim)
-    q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
-    future = torch.arange(seq_len, device=q.device)[None, :] > q_pos[:, None]  # [q_len, seq_len]
-    bias = torch.zeros(q_len, seq_len, device=q.device).masked_fill_(future, float("-inf")).repeat(group, 1)
-    # scores: [num_kv_heads, group * q_len, seq_len]; o: [num_kv_heads, group * q_len, head_dim]
+    out = torch.empty_like(q)
+    for start in range(0, q_len, PREFILL_TILE):
+        end = min(start + PREFILL_TILE, q_len)
+        out[start:end] = _causal_attention(q[start:end], k, v, seq_len - q_len + start, scale)
+    return out
+
+
+def _causal_attention(q, k, v, first_pos, scale):
+    """q: [n, num_q_heads, head_dim], new tokens at positions first_pos .. first_pos + n - 1;
+    k, v: [>= first_pos + n, num_kv_heads, head_dim]. Returns like q.
+
+    The query heads that share a kv head are stacked as one longer query, so the kv heads
+    are never copied for GQA. Scores, causal mask and scale in one `baddbmm` (an additive
+    -inf bias): fewer passes than SDPA's math path with a bool mask.
+    """
+    n, num_q_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    group = num_q_heads // num_kv_heads
+    ctx = first_pos + n
+    k, v = k[:ctx], v[:ctx]
+    # q_g: [num_kv_heads, group * n, head_dim], head h = kv_head * group + g
+    q_g = q.reshape(n, num_kv_heads, group, head_dim).permute(1, 2, 0, 3).reshape(num_kv_heads, -1, head_dim)
+    q_pos = torch.arange(first_pos, ctx, device=q.device)
+    future = torch.arange(ctx, device=q.device)[None, :] > q_pos[:, None]  # [n, ctx]
+    bias = torch.zeros(n, ctx, device=q.device).masked_fill_(future, float("-inf")).repeat(group, 1)
+    # scores: [num_kv_heads, group * n, ctx]; o: [num_kv_heads, group * n, head_dim]
     scores = torch.baddbmm(bias, q_g.float(), k.float().permute(1, 2, 0), alpha=scale)
     o = torch.bmm(scores.softmax(dim=-1), v.float().transpose(0, 1))
-    o = o.view(num_kv_heads, group, q_len, head_dim).permute(2, 0, 1, 3)  # [q_len, num_kv_heads, group, head_dim]
-    return o.reshape(q_len, num_q_heads, head_dim).to(q.dtype)
+    o = o.view(num_kv_heads, group, n, head_dim).permute(2, 0, 1, 3)  # [n, num_kv_heads, group, head_dim]
+    return o.reshape(n, num_q_heads, head_dim).to(q.dtype)
