@@ -17,6 +17,7 @@ slower, same numbers.
 import ctypes
 import hashlib
 import logging
+import mmap
 import os
 import platform
 import subprocess
@@ -129,7 +130,6 @@ def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale):
 
 PANEL = 32  # output columns per panel of a packed weight (PANEL in the C file)
 HUGE_PAGE = 2 << 20
-MADV_HUGEPAGE = 14  # <sys/mman.h>, Linux
 
 
 def packed_numel(weight) -> int:
@@ -150,20 +150,22 @@ def pack_weight(weight, out=None):
     return out.view(panels.shape).copy_(panels)
 
 
-def huge_page_empty(numel: int):
-    """torch.empty(numel) (float32) in 2 MiB pages where Linux offers them ("transparent huge
-    pages" in madvise mode, the common default). A decode step reads every weight once;
-    with 4 KiB pages the address translations of those reads cost up to a fifth of a batch-1
-    step here, and varied from run to run (measured, batch-1 decode of the bundled model:
-    18-19 ms per token in 6 of 6 runs with them, 20-25 without).
-    The region is aligned to 2 MiB and advised before anything touches it."""
-    buffer = torch.empty(numel + HUGE_PAGE // 4)  # allocated, not yet touched: no pages behind it
-    skip = (-buffer.data_ptr() % HUGE_PAGE) // 4
-    out = buffer[skip:skip + numel]
-    if platform.system() == "Linux":  # elsewhere: ordinary pages
-        libc = ctypes.CDLL(None)
-        libc.madvise(ctypes.c_void_p(out.data_ptr()), ctypes.c_size_t(numel * 4), MADV_HUGEPAGE)
-    return out
+def huge_page_empty(numel: int, dtype=torch.float32):
+    """torch.empty(numel, dtype=dtype) in 2 MiB pages where Linux offers them ("transparent
+    huge pages" in madvise mode, the common default), for the weights and the KV cache, which
+    every decode step reads end to end or block by block. With 4 KiB pages the address
+    translations of those reads cost up to a fifth of a batch-1 step here, and varied from run
+    to run (measured, batch-1 decode of the bundled model: 18-19 ms per token in 6 of 6 runs
+    with them, 20-25 without), and a sixth of the decode attention at batch 64.
+    A fresh mapping of its own (never pages a freed heap buffer already touched), aligned to
+    2 MiB and advised before anything touches it."""
+    # private and anonymous (a shared mapping would be shmem, which THP leaves alone); no pages yet
+    memory = mmap.mmap(-1, numel * dtype.itemsize + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):  # Linux; elsewhere ordinary pages
+        memory.madvise(mmap.MADV_HUGEPAGE)
+    buffer = torch.frombuffer(memory, dtype=dtype)  # shares the mapping and keeps it alive
+    skip = (-buffer.data_ptr() % HUGE_PAGE) // dtype.itemsize
+    return buffer[skip:skip + numel]
 
 
 def packed_linear(x, panels, out_features, bias=None):
