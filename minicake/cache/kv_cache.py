@@ -5,11 +5,8 @@ allocated once when the engine starts, so serving never allocates KV memory. The
 `kv_cache_memory` bytes, or a fraction of the device's free memory; the size is logged in GiB.
 """
 import logging
-import math
 
 import torch
-
-from minicake.kernels.cpu_kernels import huge_page_empty
 
 logger = logging.getLogger("minicake")
 
@@ -44,13 +41,8 @@ def allocate_kv_caches(num_layers: int, num_blocks: int, block_size: int, num_kv
     """Left uninitialized: attention never reads a slot before it is written (the kernel tests
     fill unowned slots with NaN to prove it), and on a CPU untouched pages cost no memory."""
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
-
-    def empty():
-        if device.type == "cpu":  # 2 MiB pages: decode attention reads blocks scattered over the cache
-            return huge_page_empty(math.prod(shape), dtype).view(shape)
-        return torch.empty(shape, dtype=dtype, device=device)
-
-    caches = [(empty(), empty()) for _ in range(num_layers)]
+    caches = [(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
+              for _ in range(num_layers)]
     gib = num_blocks * bytes_per_block(num_layers, num_kv_heads, head_dim, block_size, dtype) / 2**30
     logger.info("KV cache: %d blocks of %d tokens (%d tokens), %.2f GiB on %s",
                 num_blocks, block_size, num_blocks * block_size, gib, device)

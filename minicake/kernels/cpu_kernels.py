@@ -150,21 +150,20 @@ def pack_weight(weight, out=None):
     return out.view(panels.shape).copy_(panels)
 
 
-def huge_page_empty(numel: int, dtype=torch.float32):
-    """torch.empty(numel, dtype=dtype) in 2 MiB pages where Linux offers them ("transparent
-    huge pages" in madvise mode, the common default), for the weights and the KV cache, which
-    every decode step reads end to end or block by block. With 4 KiB pages the address
-    translations of those reads cost up to a fifth of a batch-1 step here, and varied from run
-    to run (measured, batch-1 decode of the bundled model: 18-19 ms per token in 6 of 6 runs
-    with them, 20-25 without), and a sixth of the decode attention at batch 64.
-    A fresh mapping of its own (never pages a freed heap buffer already touched), aligned to
-    2 MiB and advised before anything touches it."""
+def huge_page_empty(numel: int):
+    """torch.empty(numel) (float32) in 2 MiB pages where Linux offers them ("transparent huge
+    pages" in madvise mode, the common default), for the packed weights, which every decode
+    step reads end to end. With 4 KiB pages the address translations of those reads cost up
+    to a fifth of a batch-1 step here, and varied from run to run (measured, batch-1 decode
+    of the bundled model: 18-19 ms per token in 6 of 6 runs with them, 20-25 without).
+    A fresh mapping of its own (the heap would hand back pages of freed buffers, already
+    touched in 4 KiB pages), aligned to 2 MiB and advised before anything touches it."""
     # private and anonymous (a shared mapping would be shmem, which THP leaves alone); no pages yet
-    memory = mmap.mmap(-1, numel * dtype.itemsize + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    memory = mmap.mmap(-1, numel * 4 + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_HUGEPAGE"):  # Linux; elsewhere ordinary pages
         memory.madvise(mmap.MADV_HUGEPAGE)
-    buffer = torch.frombuffer(memory, dtype=dtype)  # shares the mapping and keeps it alive
-    skip = (-buffer.data_ptr() % HUGE_PAGE) // dtype.itemsize
+    buffer = torch.frombuffer(memory, dtype=torch.float32)  # shares the mapping and keeps it alive
+    skip = (-buffer.data_ptr() % HUGE_PAGE) // 4
     return buffer[skip:skip + numel]
 
 
