@@ -119,6 +119,11 @@ def test_a_seeded_request_samples_the_same_tokens_in_any_batch(tiny_checkpoint):
     assert batch[1].token_ids == alone.token_ids
 
 
+def test_max_model_len_beyond_the_models_positions_is_refused(tiny_checkpoint):
+    with pytest.raises(ValueError, match="max_model_len 300 is more than the model's max_position_embeddings 256"):
+        tiny_llm(tiny_checkpoint, max_model_len=300)
+
+
 def test_max_model_len_ends_generation_with_length(tiny_checkpoint):
     llm = tiny_llm(tiny_checkpoint, max_model_len=20)
     [out] = llm.generate(prompts([15]), SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))

@@ -10,11 +10,11 @@
  *    a few hundred tiny ops, and torch spends 10-25 us on each of these; here 2-4.
  * 3. packed_linear: y = x W^T with W packed once into panels of 32 output columns
  *    (cpu_kernels.pack_weight), as BLAS libraries pack their operands on every call. A tile
- *    of 12 rows of x by one panel keeps 12 x 32 outputs in 24 vector registers; each step
- *    along k loads 32 weights (the next 128 bytes of the panel) and broadcasts one x value
- *    per row: two multiply-adds per register loaded. At 8-64 rows (a decode batch) that runs
- *    twice as fast as torch's matmul here (200 GFLOP/s against 60-130), and at 1 row streams
- *    the weights at memory speed.
+ *    of 12 rows of x by one panel keeps 12 x 32 outputs in 24 AVX-512 registers (sized for
+ *    AVX-512's 32; with AVX2's 16 it spills); each step along k loads 32 weights (the next 128
+ *    bytes of the panel) and broadcasts one x value per row into 24 multiply-adds. At 8-64
+ *    rows (a decode batch) that runs 1.4-2.6x torch's matmul here (110-204 GFLOP/s against
+ *    42-134), and at 1 row it reads the weights about as fast as memory gives them.
  *
  * All tensors float32 and contiguous (rope: rows of a view). Built by cpu_kernels.py with
  * -O3 -march=native -ffast-math -fopenmp.
@@ -130,8 +130,8 @@ void rope(float *x, const long *positions, const float *cos_table, const float *
     }
 }
 
-/* 16 floats: GCC/Clang vector extension, compiled to AVX-512 (or two AVX2) registers; aligned(4)
- * lets it load from any float address. */
+/* 16 floats: GCC/Clang vector extension, one AVX-512 register (two AVX2 ones); aligned(4) lets
+ * it load from any float address. */
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
 #define PANEL 32 /* output columns per panel of packed weights: two v16 */
 #define TILE_ROWS 12 /* rows of x per tile: 12 x 2 accumulators + 2 weight registers of the 32 */

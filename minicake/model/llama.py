@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minicake.kernels import cpu_kernels
-from minicake.kernels.cpu_kernels import Linear, huge_page_empty, pack_weight, packed_linear, packed_numel
+from minicake.kernels.cpu_kernels import Linear
 from minicake.model.attention import AttentionMetadata, attention
 from minicake.model.config import ModelConfig
 from minicake.model.rope import RotaryEmbedding
@@ -29,7 +29,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x, residual=None):
-        if cpu_kernels.usable(x) and x.is_contiguous():  # the same, as one C call
+        if cpu_kernels.usable(x) and x.is_contiguous() and (residual is None or residual.is_contiguous()):
+            # the same, as one C call
             return cpu_kernels.rms_norm(x, self.weight, self.eps, residual)
         if residual is not None:
             x = residual = x + residual
@@ -156,7 +157,7 @@ class CausalLM(nn.Module):
         if self.lm_head is not None:
             return self.lm_head(hidden).float()
         if self.tied_head_panels is not None:
-            return packed_linear(hidden, self.tied_head_panels, self.config.vocab_size)
+            return cpu_kernels.packed_linear(hidden, self.tied_head_panels, self.config.vocab_size)
         return F.linear(hidden, self.embed_tokens.weight).float()
 
     def pack_weights(self):
@@ -166,8 +167,9 @@ class CausalLM(nn.Module):
         has no such tensor."""
         linears = [m for m in self.modules() if isinstance(m, Linear)]
         weights = [m.weight for m in linears] + ([self.embed_tokens.weight] if self.lm_head is None else [])
-        sizes = [packed_numel(w) for w in weights]
-        panels = [pack_weight(w, out) for w, out in zip(weights, huge_page_empty(sum(sizes)).split(sizes))]
+        sizes = [cpu_kernels.packed_numel(w) for w in weights]
+        buffer = cpu_kernels.huge_page_empty(sum(sizes))
+        panels = [cpu_kernels.pack_weight(w, out) for w, out in zip(weights, buffer.split(sizes))]
         for module, packed in zip(linears, panels):
             module.weight = nn.Parameter(packed, requires_grad=False)
         if self.lm_head is None:
