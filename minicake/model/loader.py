@@ -2,8 +2,11 @@
 
 `resolve_model` turns what a user typed into a local Hugging Face layout directory (a
 path, the built-in "smollm2-135m", or a hub id); `load_model` builds the decoder on the
-meta device and streams every tensor of the safetensors files straight into it, so a
-checkpoint never sits in memory twice. No transformers at run time.
+meta device and streams every tensor of the safetensors files straight into it (into its
+rows, for the stacked q/k/v and gate/up weights), so a checkpoint never sits in memory twice.
+A float32 model on the CPU then has its linear weights packed for the C matmul
+(`CausalLM.pack_weights`): for that moment the weights are in memory twice. No transformers
+at run time.
 """
 import json
 from pathlib import Path
