@@ -66,6 +66,21 @@ def test_packed_linear_equals_torch(rows, in_features, out_features, bias):
         torch.testing.assert_close(layer(x), expected, **FP32_TOL)
 
 
+def test_the_avx2_tiles_equal_torch(monkeypatch, tmp_path):
+    """Without AVX-512 the tile is 6 rows by half a panel: built here with -mno-avx512f."""
+    monkeypatch.setenv("MINICAKE_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_kernels, "FLAGS", cpu_kernels.FLAGS + ["-mno-avx512f"])
+    monkeypatch.setattr(cpu_kernels, "_library", None)
+    if cpu_kernels.library() is None:
+        pytest.skip("no C compiler here, or not an x86 one")
+    gen = torch.Generator().manual_seed(0)
+    for rows in (1, 5, 6, 7, 13):  # whole tiles of 6 rows and the leftovers
+        for out_features in (200, 20, 7):  # the last panel ends in its first half (200: 8 columns, 7) or second (20)
+            w, x = torch.randn(out_features, 48, generator=gen), torch.randn(rows, 48, generator=gen)
+            out = cpu_kernels.packed_linear(x, cpu_kernels.pack_weight(w), out_features)
+            torch.testing.assert_close(out, torch.nn.functional.linear(x, w), **FP32_TOL)
+
+
 @needs_kernel
 def test_loading_packs_every_linear_weight_and_the_tied_head(tiny_checkpoint):
     model = load_model(tiny_checkpoint("llama"), device="cpu")  # tied embedding

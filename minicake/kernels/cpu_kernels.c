@@ -9,12 +9,12 @@
  * 2. rms_norm (with the residual add fused in) and rope (in place): a batch-1 decode step is
  *    a few hundred tiny ops, and torch spends 10-25 us on each of these; here 2-4.
  * 3. packed_linear: y = x W^T with W packed once into panels of 32 output columns
- *    (cpu_kernels.pack_weight), as BLAS libraries pack their operands on every call. A tile
- *    of 12 rows of x by one panel keeps 12 x 32 outputs in 24 AVX-512 registers (sized for
- *    AVX-512's 32; with AVX2's 16 it spills); each step along k loads 32 weights (the next 128
- *    bytes of the panel) and broadcasts one x value per row into 24 multiply-adds. At 8-64
- *    rows (a decode batch) that runs 1.4-2.6x torch's matmul here (110-204 GFLOP/s against
- *    42-134), and at 1 row it reads the weights about as fast as memory gives them.
+ *    (cpu_kernels.pack_weight), as BLAS libraries pack their operands on every call. With
+ *    AVX-512 a tile of 12 rows of x by one panel keeps 12 x 32 outputs in 24 registers; each
+ *    step along k loads 32 weights (the next 128 bytes of the panel) and broadcasts one x value
+ *    per row into 24 multiply-adds (AVX2: 6 rows by half a panel, 16 registers). At 8-64 rows
+ *    (a decode batch) that runs 1.4-2.6x torch's matmul here (110-204 GFLOP/s against 42-134),
+ *    and at 1 row it reads the weights about as fast as memory gives them.
  *
  * All tensors float32 and contiguous (rope: rows of a view). Built by cpu_kernels.py with
  * -O3 -march=native -ffast-math -fopenmp.
@@ -130,20 +130,29 @@ void rope(float *x, const long *positions, const float *cos_table, const float *
     }
 }
 
-/* 16 floats: GCC/Clang vector extension, one AVX-512 register (two AVX2 ones); aligned(4) lets
- * it load from any float address. */
-typedef float v16 __attribute__((vector_size(64), aligned(4)));
-#define PANEL 32 /* output columns per panel of packed weights: two v16 */
-#define TILE_ROWS 12 /* rows of x per tile: 12 x 2 accumulators + 2 weight registers of the 32 */
+/* The vector type of the matmul (GCC/Clang vector extension; aligned(4) lets it load from any
+ * float address) and its tile, sized to the machine's registers: a tile is TILE_ROWS rows of x
+ * by two vectors of columns, whose accumulators plus the two weight vectors must fit. */
+#ifdef __AVX512F__
+typedef float vec __attribute__((vector_size(64), aligned(4))); /* 16 floats, one AVX-512 register */
+#define TILE_ROWS 12 /* 12 x 2 accumulators + 2 weight vectors: 26 of the 32 registers */
+#else
+typedef float vec __attribute__((vector_size(32), aligned(4))); /* 8 floats, one AVX2 register */
+#define TILE_ROWS 6 /* 6 x 2 accumulators + 2 weight vectors: 14 of AVX2's 16 registers */
+#endif
+#define VEC ((int)(sizeof(vec) / sizeof(float)))
+#define TILE_COLS (2 * VEC) /* the whole panel with AVX-512, half of it with AVX2 */
+#define PANEL 32            /* output columns per panel of packed weights (PANEL in cpu_kernels.py) */
 
-/* One tile: y[0:R, 0:cols] = x[0:R, :] . panel, for R <= 12 rows of x (a constant where this is
- * inlined, so the loops unroll and acc lives in registers). Along k, each step loads one row of
- * the panel (32 weights, the next 128 bytes) and adds x[r, d] times it to row r's accumulators. */
-static inline __attribute__((always_inline)) void linear_tile(const float *x, const float *panel, float *y,
+/* One tile: y[0:R, 0:cols] = x[0:R, :] . w, for R <= TILE_ROWS rows of x (a constant where this
+ * is inlined, so the loops unroll and acc lives in registers) and the tile's columns w of a
+ * panel (rows PANEL floats apart). Along k, each step loads the tile's weights of one panel row
+ * and adds x[r, d] times them to row r's accumulators. */
+static inline __attribute__((always_inline)) void linear_tile(const float *x, const float *w, float *y,
                                                               const int R, int cols, int n, int k) {
-    v16 acc[TILE_ROWS][2] = {0};
+    vec acc[TILE_ROWS][2] = {0};
     for (int d = 0; d < k; d++) {
-        const v16 w0 = *(const v16 *)(panel + d * PANEL), w1 = *(const v16 *)(panel + d * PANEL + 16);
+        const vec w0 = *(const vec *)(w + d * PANEL), w1 = *(const vec *)(w + d * PANEL + VEC);
         for (int r = 0; r < R; r++) {
             const float a = x[(long)r * k + d];
             acc[r][0] += a * w0;
@@ -152,23 +161,24 @@ static inline __attribute__((always_inline)) void linear_tile(const float *x, co
     }
     for (int r = 0; r < R; r++) {
         float *yr = y + (long)r * n;
-        if (cols == PANEL) {
-            *(v16 *)yr = acc[r][0];
-            *(v16 *)(yr + 16) = acc[r][1];
+        if (cols == TILE_COLS) {
+            *(vec *)yr = acc[r][0];
+            *(vec *)(yr + VEC) = acc[r][1];
         } else { /* the last panel, padded with zero weights: keep the real columns */
-            for (int c = 0; c < cols; c++) yr[c] = c < 16 ? acc[r][0][c] : acc[r][1][c - 16];
+            for (int c = 0; c < cols; c++) yr[c] = c < VEC ? acc[r][0][c] : acc[r][1][c - VEC];
         }
     }
 }
 
-/* All rows of x against one panel: tiles of 12 rows, then what is left in tiles of 8, 4, 2, 1. */
-static void linear_panel(const float *x, const float *panel, float *y, int m, int cols, int n, int k) {
+/* All rows of x against TILE_COLS columns of a panel: tiles of TILE_ROWS rows, then what is
+ * left in tiles of 8, 4, 2, 1. */
+static void linear_columns(const float *x, const float *w, float *y, int m, int cols, int n, int k) {
     int i = 0;
-    for (; i + TILE_ROWS <= m; i += TILE_ROWS) linear_tile(x + (long)i * k, panel, y + (long)i * n, TILE_ROWS, cols, n, k);
-    if (m - i >= 8) { linear_tile(x + (long)i * k, panel, y + (long)i * n, 8, cols, n, k); i += 8; }
-    if (m - i >= 4) { linear_tile(x + (long)i * k, panel, y + (long)i * n, 4, cols, n, k); i += 4; }
-    if (m - i >= 2) { linear_tile(x + (long)i * k, panel, y + (long)i * n, 2, cols, n, k); i += 2; }
-    if (m - i >= 1) linear_tile(x + (long)i * k, panel, y + (long)i * n, 1, cols, n, k);
+    for (; i + TILE_ROWS <= m; i += TILE_ROWS) linear_tile(x + (long)i * k, w, y + (long)i * n, TILE_ROWS, cols, n, k);
+    if (m - i >= 8) { linear_tile(x + (long)i * k, w, y + (long)i * n, 8, cols, n, k); i += 8; }
+    if (m - i >= 4) { linear_tile(x + (long)i * k, w, y + (long)i * n, 4, cols, n, k); i += 4; }
+    if (m - i >= 2) { linear_tile(x + (long)i * k, w, y + (long)i * n, 2, cols, n, k); i += 2; }
+    if (m - i >= 1) linear_tile(x + (long)i * k, w, y + (long)i * n, 1, cols, n, k);
 }
 
 /* x [m, k], panels [ceil(n / 32), k, 32] (weight row j is panels[j / 32, :, j % 32]), y [m, n].
@@ -178,7 +188,9 @@ void packed_linear(const float *x, const float *panels, float *y, int m, int n, 
     const int num_panels = (n + PANEL - 1) / PANEL;
 #pragma omp parallel for schedule(static) num_threads(num_threads)
     for (int p = 0; p < num_panels; p++) {
-        const int cols = n - p * PANEL < PANEL ? n - p * PANEL : PANEL;
-        linear_panel(x, panels + (long)p * k * PANEL, y + p * PANEL, m, cols, n, k);
+        const int cols = n - p * PANEL < PANEL ? n - p * PANEL : PANEL; /* < 32 in a padded last panel */
+        for (int c = 0; c < cols; c += TILE_COLS)
+            linear_columns(x, panels + (long)p * k * PANEL + c, y + p * PANEL + c, m,
+                           cols - c < TILE_COLS ? cols - c : TILE_COLS, n, k);
     }
 }
