@@ -135,7 +135,11 @@ HUGE_PAGE = 2 << 20
 def packed_numel(weight) -> int:
     """Floats in pack_weight(weight): n rounded up to a whole panel, times k."""
     n, k = weight.shape
-    return -(-n // PANEL) * PANEL * k
+    return num_panels(n) * PANEL * k
+
+
+def num_panels(n: int) -> int:
+    return -(-n // PANEL)  # ceil(n / PANEL)
 
 
 def pack_weight(weight, out=None):
@@ -171,7 +175,7 @@ def packed_linear(x, panels, out_features, bias=None):
     """F.linear(x, weight, bias) for float32 CPU tensors, given panels = pack_weight(weight).
     x: [m, k]; bias: [n] or None. Returns [m, n]."""
     assert x.dim() == 2 and x.dtype == panels.dtype == torch.float32 and x.device.type == panels.device.type == "cpu"
-    assert panels.shape == (-(-out_features // PANEL), x.shape[1], PANEL) and panels.is_contiguous()
+    assert panels.shape == (num_panels(out_features), x.shape[1], PANEL) and panels.is_contiguous()
     x = x.contiguous()
     out = torch.empty(x.shape[0], out_features)
     library().packed_linear(x.data_ptr(), panels.data_ptr(), out.data_ptr(), x.shape[0], out_features,
