@@ -1,7 +1,7 @@
 """The C kernels of the CPU path equal torch: decode attention equals the torch reference and
 reads only the slots a sequence owns (every other slot holds NaN); the packed matmul equals
-F.linear for every leftover of its 12-row tiles and 32-column panels; the fused RMSNorm and
-the in-place RoPE equal their formulas. Where no C compiler is found, one warning and torch
+F.linear for every leftover of its 12-row tiles and 32-column panels; the fused RMSNorm, the
+in-place RoPE, the KV store and silu_and_mul equal their formulas or the torch reference. Where no C compiler is found, one warning and torch
 does the work.
 """
 import pytest
@@ -114,16 +114,45 @@ def test_rms_norm_equals_the_formula(rows, with_residual):
 
 @needs_kernel
 @pytest.mark.parametrize("tokens", [1, 33])
-def test_rope_rotates_a_strided_view_in_place_like_rotate_half(tokens):
+def test_rope_rotates_strided_q_and_k_in_place_like_rotate_half(tokens):
     from minicake.model.rope import RotaryEmbedding
     rotary = RotaryEmbedding(head_dim=32, theta=10000.0, max_positions=128, scaling=None)
     cos, sin = rotary._table(torch.device("cpu"))
     positions = torch.randint(0, 128, (tokens,))
-    fused = torch.randn(tokens, 5 * 32)  # like a q/k/v output: 3 heads of q, then 2 of k
-    q = fused[:, :96].view(tokens, 3, 32)  # token rows 160 floats apart
-    x1, x2 = q.chunk(2, dim=-1)
-    expected = q * cos[positions, None] + torch.cat((-x2, x1), dim=-1) * sin[positions, None]
-    untouched = fused[:, 96:].clone()
-    cpu_kernels.rope_(q, positions, cos, sin)
-    torch.testing.assert_close(q, expected, **FP32_TOL)
-    assert torch.equal(fused[:, 96:], untouched), "wrote outside the view"
+    fused = torch.randn(tokens, 7 * 32)  # like a q/k/v output: 3 heads of q, 2 of k, 2 of v
+    q, k, v = fused.view(tokens, 7, 32).split_with_sizes([3, 2, 2], dim=1)  # token rows 224 floats apart
+
+    def rotate_half(x):
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos[positions, None] + torch.cat((-x2, x1), dim=-1) * sin[positions, None]
+
+    expected_q, expected_k, untouched = rotate_half(q), rotate_half(k), v.clone()
+    cpu_kernels.rope_(q, k, positions, cos, sin)
+    torch.testing.assert_close(q, expected_q, **FP32_TOL)
+    torch.testing.assert_close(k, expected_k, **FP32_TOL)
+    assert torch.equal(v, untouched), "wrote outside q and k"
+
+
+@needs_kernel
+def test_store_kv_writes_strided_k_v_like_the_reference_and_skips_minus_one():
+    from minicake.kernels.reference import store_kv_ref
+    fused = torch.randn(9, 7, 32)  # 9 tokens of q/k/v output: 3 heads of q, 2 of k, 2 of v
+    _, k, v = fused.split_with_sizes([3, 2, 2], dim=1)
+    slots = torch.randperm(4 * 8)[:9]
+    slots[[2, 7]] = -1  # tokens whose block came from the prefix cache
+    caches = [torch.randn(4, 8, 2, 32) for _ in range(2)]
+    expected = [c.clone() for c in caches]
+    store_kv_ref(k, v, *expected, slots)
+    cpu_kernels.store_kv(k, v, *caches, slots)
+    assert all(torch.equal(c, e) for c, e in zip(caches, expected))
+    slots[4] = 4 * 8  # one past the last slot
+    with pytest.raises(IndexError, match=r"slot_mapping\[4\] = 32 is past the cache's 32 slots"):
+        cpu_kernels.store_kv(k, v, *caches, slots)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 40])
+def test_silu_and_mul_equals_torch(rows):
+    x = torch.randn(rows, 2 * 48) * 4
+    gate, up = x.chunk(2, dim=-1)
+    torch.testing.assert_close(cpu_kernels.silu_and_mul(x), torch.nn.functional.silu(gate) * up, **FP32_TOL)

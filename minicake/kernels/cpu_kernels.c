@@ -6,8 +6,9 @@
  *    padding cost more than the step's weight matmuls. Here each sequence walks its block
  *    table and reads every key row and every value row once, in place: three passes over one
  *    sequence (scores, softmax, weighted sum of values), sequences spread over the threads.
- * 2. rms_norm (with the residual add fused in) and rope (in place): a batch-1 decode step is
- *    a few hundred tiny ops, and torch spends 10-25 us on each of these; here 2-4.
+ * 2. rms_norm (with the residual add fused in), rope (q and k in place), store_kv and
+ *    silu_and_mul: a batch-1 decode step is a few hundred tiny ops, and torch spends 3-25 us
+ *    on each of these (several ops each); here one call of 2-4 us.
  * 3. packed_linear: y = x W^T with W packed once into panels of 32 output columns
  *    (cpu_kernels.pack_weight), as BLAS libraries pack their operands on every call. With
  *    AVX-512 a tile of 12 rows of x by one panel keeps 12 x 32 outputs in 24 registers; each
@@ -21,6 +22,7 @@
  */
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 /* a . b over n floats (vectorized: -ffast-math lets the compiler reorder the sum) */
 static inline float dot(const float *a, const float *b, int n) {
@@ -109,24 +111,55 @@ void rms_norm(const float *x, const float *residual, const float *weight, float 
     }
 }
 
-/* Rotary position embedding, in place. x [n, heads, head_dim] with token rows `row` floats apart
- * (q or k as views of the fused q/k/v output); cos/sin [max_positions, head_dim], both halves
- * equal. With h = head_dim / 2, as transformers' rotate_half: (x1, x2) -> (x1 cos - x2 sin,
- * x2 cos + x1 sin) for x1 = x[:h], x2 = x[h:]. */
-void rope(float *x, const long *positions, const float *cos_table, const float *sin_table,
-          int n, int heads, int head_dim, long row, int num_threads) {
+/* Rotary position embedding, in place, of one token's `heads` heads (head_dim floats each, side by
+ * side) at the angles of its position: cos/sin [head_dim], both halves equal. With h = head_dim / 2,
+ * as transformers' rotate_half: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) for x1 = x[:h], x2 = x[h:]. */
+static void rotate(float *x, const float *cos, const float *sin, int heads, int head_dim) {
     const int half = head_dim / 2;
+    for (int i = 0; i < heads; i++) {
+        float *x1 = x + (long)i * head_dim, *x2 = x1 + half;
+        for (int d = 0; d < half; d++) {
+            const float a = x1[d], b = x2[d];
+            x1[d] = a * cos[d] - b * sin[d];
+            x2[d] = b * cos[half + d] + a * sin[half + d];
+        }
+    }
+}
+
+/* RoPE of q [n, q_heads, head_dim] and k [n, k_heads, head_dim], in place, in one call; token rows
+ * q_row and k_row floats apart (views of the fused q/k/v output). cos/sin [max_positions, head_dim]. */
+void rope(float *q, float *k, const long *positions, const float *cos_table, const float *sin_table,
+          int n, int q_heads, int k_heads, int head_dim, long q_row, long k_row, int num_threads) {
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (n >= 16)
     for (int t = 0; t < n; t++) {
         const float *cos = cos_table + positions[t] * head_dim, *sin = sin_table + positions[t] * head_dim;
-        for (int i = 0; i < heads; i++) {
-            float *x1 = x + t * row + (long)i * head_dim, *x2 = x1 + half;
-            for (int d = 0; d < half; d++) {
-                const float a = x1[d], b = x2[d];
-                x1[d] = a * cos[d] - b * sin[d];
-                x2[d] = b * cos[half + d] + a * sin[half + d];
-            }
-        }
+        rotate(q + t * q_row, cos, sin, q_heads, head_dim);
+        rotate(k + t * k_row, cos, sin, k_heads, head_dim);
+    }
+}
+
+/* Each new token's K and V into its cache slot. k, v [n, row] with token rows k_row and v_row
+ * floats apart (views of the fused q/k/v output); k/v_cache [num_slots, row]; slots [n] int64, -1 = skip (a
+ * padded token, or one whose block came from the prefix cache). Returns the first token whose slot
+ * is past the cache (nothing of it written), or -1. */
+int store_kv(const float *k, const float *v, float *k_cache, float *v_cache, const long *slots,
+             int n, int row, long k_row, long v_row, long num_slots) {
+    for (int t = 0; t < n; t++) {
+        if (slots[t] < 0) continue;
+        if (slots[t] >= num_slots) return t;
+        memcpy(k_cache + slots[t] * row, k + t * k_row, sizeof(float) * row);
+        memcpy(v_cache + slots[t] * row, v + t * v_row, sizeof(float) * row);
+    }
+    return -1;
+}
+
+/* x [n, 2 * d]: gate then up, side by side (the stacked gate/up projection) -> out [n, d] =
+ * silu(gate) * up, silu(g) = g / (1 + e^-g): the MLP's activation in one pass (vLLM's SiluAndMul). */
+void silu_and_mul(const float *x, float *out, int n, int d, int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (n >= 16)
+    for (int i = 0; i < n; i++) {
+        const float *gate = x + (long)i * 2 * d, *up = gate + d;
+        for (int j = 0; j < d; j++) out[(long)i * d + j] = gate[j] / (1.f + expf(-gate[j])) * up[j];
     }
 }
 

@@ -2,8 +2,9 @@
 
 - `decode_attention`: paged attention for decode tokens, reading K/V in place (the torch
   reference gathers them first). `model/attention.py` hands it the decodes of a step.
-- `rms_norm` (residual add fused in) and `rope_` (in place): what a decode step runs between
-  its matmuls, as one C call each instead of several small torch ops.
+- `rms_norm` (residual add fused in), `rope_` (q and k in place), `store_kv` and
+  `silu_and_mul`: what a decode step runs between its matmuls, as one C call each instead
+  of several small torch ops.
 - `packed_linear` (and `Linear`, the model's `nn.Linear`): y = x W^T with W rearranged once
   into panels of 32 output columns (`pack_weight`), so that the innermost loop reads weights
   in order and keeps a 12 x 32 block of outputs in vector registers.
@@ -70,15 +71,18 @@ def library():
         _library.paged_decode_attention.argtypes = [ptr] * 6 + [i32] * 6 + [ctypes.c_float, i32]
         _library.packed_linear.argtypes = [ptr] * 3 + [i32] * 4
         _library.rms_norm.argtypes = [ptr] * 5 + [i32] * 2 + [ctypes.c_float, i32]
-        _library.rope.argtypes = [ptr] * 4 + [i32] * 3 + [ctypes.c_long, i32]
-        for kernel in (_library.paged_decode_attention, _library.packed_linear, _library.rms_norm, _library.rope):
+        _library.rope.argtypes = [ptr] * 5 + [i32] * 4 + [ctypes.c_long] * 2 + [i32]
+        _library.store_kv.argtypes = [ptr] * 5 + [i32] * 2 + [ctypes.c_long] * 3
+        _library.silu_and_mul.argtypes = [ptr] * 2 + [i32] * 3
+        for kernel in (_library.paged_decode_attention, _library.packed_linear, _library.rms_norm, _library.rope,
+                       _library.silu_and_mul):
             kernel.restype = None
     return _library or None
 
 
 def usable(x) -> bool:
     """Whether the C kernels can take x: a float32 CPU tensor, and the library is built."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and library() is not None
+    return x.is_cpu and x.dtype == torch.float32 and library() is not None
 
 
 def rms_norm(x, weight, eps, residual=None):
@@ -94,16 +98,43 @@ def rms_norm(x, weight, eps, residual=None):
     return out if residual is None else (out, new_residual)
 
 
-def rope_(x, positions, cos_table, sin_table):
-    """Rotate x [num_tokens, heads, head_dim] in place by the angles of `positions` [num_tokens]
-    (int64); cos/sin_table: [max_positions, head_dim] float32. Token rows of x may be strided
-    (a view of the fused q/k/v output); each row's heads must be contiguous."""
-    n, heads, head_dim = x.shape
-    assert x.stride(2) == 1 and x.stride(1) == head_dim and cos_table.is_contiguous() and sin_table.is_contiguous()
-    positions = positions.to(torch.int64).contiguous()
-    library().rope(x.data_ptr(), positions.data_ptr(), cos_table.data_ptr(), sin_table.data_ptr(),
-                   n, heads, head_dim, x.stride(0), torch.get_num_threads())
-    return x
+def rope_(q, k, positions, cos_table, sin_table):
+    """Rotate q [num_tokens, q_heads, head_dim] and k [num_tokens, k_heads, head_dim] in place by
+    the angles of `positions` [num_tokens] (int64); cos/sin_table: [max_positions, head_dim]
+    float32. Token rows may be strided (views of the fused q/k/v output); each row's heads must
+    be contiguous."""
+    (n, q_heads, head_dim), k_heads = q.shape, k.shape[1]
+    assert q.stride(2) == k.stride(2) == 1 and q.stride(1) == k.stride(1) == head_dim == k.shape[2]
+    assert cos_table.is_contiguous() and sin_table.is_contiguous() and positions.dtype == torch.int64
+    library().rope(q.data_ptr(), k.data_ptr(), positions.contiguous().data_ptr(), cos_table.data_ptr(),
+                   sin_table.data_ptr(), n, q_heads, k_heads, head_dim, q.stride(0), k.stride(0),
+                   torch.get_num_threads())
+    return q, k
+
+
+def store_kv(k, v, k_cache, v_cache, slot_mapping):
+    """Same contract as `reference.store_kv_ref` for float32 CPU tensors: k, v [num_tokens,
+    num_kv_heads, head_dim] (token rows may be strided) into their slots of k/v_cache
+    [num_blocks, block_size, num_kv_heads, head_dim]; slot_mapping [num_tokens] int64, -1 = skip."""
+    row = k_cache.shape[2] * k_cache.shape[3]
+    assert k.dtype == v.dtype == k_cache.dtype == v_cache.dtype == torch.float32 and slot_mapping.dtype == torch.int64
+    for x in (k, v):  # each token's heads side by side
+        assert x.shape[1] * x.shape[2] == row and x.stride(1) == x.shape[2] and x.stride(2) == 1
+    assert k_cache.is_contiguous() and v_cache.is_contiguous()
+    num_slots = k_cache.shape[0] * k_cache.shape[1]
+    bad = library().store_kv(k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                             slot_mapping.contiguous().data_ptr(), k.shape[0], row, k.stride(0), v.stride(0), num_slots)
+    if bad >= 0:
+        raise IndexError(f"slot_mapping[{bad}] = {int(slot_mapping[bad])} is past the cache's {num_slots} slots")
+
+
+def silu_and_mul(x):
+    """x [num_tokens, 2 * d] (gate, up) float32 -> silu(gate) * up [num_tokens, d]."""
+    assert x.is_contiguous()
+    n, d = x.shape[0], x.shape[1] // 2
+    out = torch.empty(n, d)
+    library().silu_and_mul(x.data_ptr(), out.data_ptr(), n, d, torch.get_num_threads())
+    return out
 
 
 def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale):

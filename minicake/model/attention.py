@@ -5,8 +5,8 @@ plus an `AttentionMetadata` saying where each sequence starts, how long it is in
 and which blocks hold it. The model never sees sequences, only this layout, so the paged
 cache and the Triton kernel plug in without touching the model. The backend is picked
 here and nowhere else: Triton kernels on CUDA; on CPU the plain-torch references, with the
-decode tokens handed to the C kernel of `kernels/cpu_kernels.py` ("auto", where it
-builds and the cache is float32) or kept in torch ("torch").
+KV store and the decode tokens handed to the C kernels of `kernels/cpu_kernels.py` ("auto",
+where they build and the cache is float32) or kept in torch ("torch").
 """
 from dataclasses import dataclass
 
@@ -49,8 +49,8 @@ def attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         return paged_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
                                meta.query_start_loc, scale)
-    store_kv_ref(k, v, k_cache, v_cache, meta.slot_mapping)
-    use_c = _backend == "auto" and k_cache.dtype == torch.float32 and cpu_kernels.library()
+    use_c = _backend == "auto" and cpu_kernels.usable(k_cache)
+    (cpu_kernels.store_kv if use_c else store_kv_ref)(k, v, k_cache, v_cache, meta.slot_mapping)
     return paged_attention_ref(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
                                meta.query_start_loc, scale,
                                decode_attention=cpu_kernels.decode_attention if use_c else None)

@@ -40,8 +40,9 @@ class RMSNorm(nn.Module):
 
 class StackedLinear(Linear):
     """Projections of the same input stacked into one Linear (q/k/v; gate/up), as vLLM and
-    nano-vllm do: one product, a third or half as many calls per layer. Checkpoints keep the
-    parts apart; `part_rows` says which rows of the weight (and bias) each one fills.
+    nano-vllm do: one product, a third or half as many calls per layer; the output holds the
+    parts side by side. Checkpoints keep the parts apart; `part_rows` says which rows of the
+    weight (and bias) each one fills.
     parts: checkpoint name -> output size, in order, e.g. {"gate_proj": 1536, "up_proj": 1536}."""
 
     def __init__(self, in_features: int, parts: dict[str, int], bias: bool):
@@ -53,10 +54,6 @@ class StackedLinear(Linear):
         for name, size in self.parts.items():
             rows[name], start = slice(start, start + size), start + size
         return rows
-
-    def forward(self, x):
-        """x: [num_tokens, in_features] -> one [num_tokens, size] tensor per part (views)."""
-        return super().forward(x).split(list(self.parts.values()), dim=-1)
 
 
 class Attention(nn.Module):
@@ -78,15 +75,22 @@ class Attention(nn.Module):
 
     def forward(self, positions, x, meta: AttentionMetadata, k_cache, v_cache):
         n = x.shape[0]  # x: [num_tokens, hidden_size]
-        q, k, v = self.qkv_proj(x)
-        q = q.view(n, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
-        k = k.view(n, self.num_kv_heads, self.head_dim)  # [num_tokens, num_kv_heads, head_dim]
-        v = v.view(n, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x).view(n, -1, self.head_dim)  # [num_tokens, num_heads + 2 * num_kv_heads, head_dim]
+        # q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim] (views)
+        q, k, v = qkv.split_with_sizes([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
         o = attention(q, k, v, k_cache, v_cache, meta, self.scale)  # [num_tokens, num_heads, head_dim]
         return self.o_proj(o.reshape(n, self.num_heads * self.head_dim))
+
+
+def silu_and_mul(x):
+    """x: [num_tokens, 2 * d], gate then up (the stacked projection) -> silu(gate) * up [num_tokens, d]."""
+    if cpu_kernels.usable(x):
+        return cpu_kernels.silu_and_mul(x)  # the same, as one C call
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 class MLP(nn.Module):
@@ -97,8 +101,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x)  # [num_tokens, intermediate_size] each
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))  # gate_up: [num_tokens, 2 * intermediate_size]
 
 
 class DecoderLayer(nn.Module):

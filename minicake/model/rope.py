@@ -51,10 +51,9 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions, q, k):
         """positions: [num_tokens]; q: [num_tokens, num_q_heads, head_dim]; k: [num_tokens, num_kv_heads, head_dim].
-        On the CPU in float32, rotates q and k in place (one C call each)."""
+        On the CPU in float32, rotates q and k in place (one C call)."""
         if cpu_kernels.usable(q) and q.stride(1) == k.stride(1) == q.shape[2] and q.stride(2) == k.stride(2) == 1:
-            cos_table, sin_table = self._table(q.device)
-            return cpu_kernels.rope_(q, positions, cos_table, sin_table), cpu_kernels.rope_(k, positions, cos_table, sin_table)
+            return cpu_kernels.rope_(q, k, positions, *self._table(q.device))
         if self._step[0] is not positions:
             cos_table, sin_table = self._table(q.device)
             cos = cos_table[positions][:, None, :].to(q.dtype)  # [num_tokens, 1, head_dim]
