@@ -31,6 +31,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     kv_pool_blocks: int = 0  # host-memory KV pool (cache/kv_pool.py) for evicted prefix blocks; 0: none
     attention_backend: str = "auto"
+    enforce_eager: bool = False  # True: no decode graphs (model/decode_graph.py), every step runs eagerly
     num_threads: int | None = None  # torch CPU threads; None: all cores
     seed: int = 0
     # disaggregation (minicake/serve): a KV transfer silent this long is aborted; layer-wise

@@ -109,7 +109,8 @@ class Engine:
         num_blocks = self.kv_caches[0][0].shape[0]
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, self.kv_caches, config.block_size, self.device, config.seed)
+        self.runner = ModelRunner(self.model, self.kv_caches, config.block_size, self.device, config.seed,
+                                  decode_graphs=not config.enforce_eager)
         if config.kv_pool_blocks and config.enable_prefix_caching:
             self.block_manager.pool = self.runner.pool = KVPool(config.kv_pool_blocks, self.kv_caches)
         self.requests: dict[str, RequestState] = {}

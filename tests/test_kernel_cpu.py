@@ -77,8 +77,9 @@ def test_the_avx2_tiles_equal_torch(monkeypatch, tmp_path):
     for rows in (1, 5, 6, 7, 13):  # whole tiles of 6 rows and the leftovers
         for out_features in (200, 20, 7):  # the last panel ends in its first half (200: 8 columns, 7) or second (20)
             w, x = torch.randn(out_features, 48, generator=gen), torch.randn(rows, 48, generator=gen)
-            out = cpu_kernels.packed_linear(x, cpu_kernels.pack_weight(w), out_features)
-            torch.testing.assert_close(out, torch.nn.functional.linear(x, w), **FP32_TOL)
+            b = torch.randn(out_features, generator=gen)
+            out = cpu_kernels.packed_linear(x, cpu_kernels.pack_weight(w), out_features, b)
+            torch.testing.assert_close(out, torch.nn.functional.linear(x, w, b), **FP32_TOL)
 
 
 @needs_kernel

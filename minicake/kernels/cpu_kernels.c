@@ -31,11 +31,12 @@ static inline float dot(const float *a, const float *b, int n) {
     return sum;
 }
 
-/* q, out        [num_seqs, num_q_heads, head_dim]
+/* q             [num_seqs, num_q_heads, head_dim], token rows q_row floats apart (a view of the
+ *               fused q/k/v output); out [num_seqs, num_q_heads, head_dim] contiguous
  * k/v_cache     [num_blocks, block_size, num_kv_heads, head_dim]
  * block_tables  [num_seqs, max_blocks] int32;  seq_lens [num_seqs] int32
  * Query head i reads kv head i / group (GQA), as in transformers' repeat_kv. */
-void paged_decode_attention(const float *q, const float *k_cache, const float *v_cache,
+void paged_decode_attention(const float *q, long q_row, const float *k_cache, const float *v_cache,
                             const int *block_tables, const int *seq_lens, float *out,
                             int num_seqs, int max_blocks, int num_q_heads, int num_kv_heads,
                             int head_dim, int block_size, float scale, int num_threads) {
@@ -46,7 +47,7 @@ void paged_decode_attention(const float *q, const float *k_cache, const float *v
     for (int s = 0; s < num_seqs; s++) {
         const int len = seq_lens[s];
         const int *table = block_tables + (long)s * max_blocks;
-        const float *qs = q + (long)s * num_q_heads * head_dim;   /* [num_q_heads, head_dim] */
+        const float *qs = q + (long)s * q_row;                     /* [num_q_heads, head_dim] */
         float *os = out + (long)s * num_q_heads * head_dim;       /* [num_q_heads, head_dim] */
         float *scores = malloc(sizeof(float) * num_q_heads * len); /* [num_q_heads, len] */
 
@@ -181,8 +182,8 @@ typedef float vec __attribute__((vector_size(32), aligned(4))); /* 8 floats, one
  * is inlined, so the loops unroll and acc lives in registers) and the tile's columns w of a
  * panel (rows PANEL floats apart). Along k, each step loads the tile's weights of one panel row
  * and adds x[r, d] times them to row r's accumulators. */
-static inline __attribute__((always_inline)) void linear_tile(const float *x, const float *w, float *y,
-                                                              const int R, int cols, int n, int k) {
+static inline __attribute__((always_inline)) void linear_tile(const float *x, const float *w, const float *bias,
+                                                              float *y, const int R, int cols, int n, int k) {
     vec acc[TILE_ROWS][2] = {0};
     for (int d = 0; d < k; d++) {
         const vec w0 = *(const vec *)(w + d * PANEL), w1 = *(const vec *)(w + d * PANEL + VEC);
@@ -191,6 +192,11 @@ static inline __attribute__((always_inline)) void linear_tile(const float *x, co
             acc[r][0] += a * w0;
             acc[r][1] += a * w1;
         }
+    }
+    if (bias) { /* the tile's columns of the bias (zero past the last real one) */
+        vec b[2] = {0};
+        for (int c = 0; c < cols; c++) b[c / VEC][c % VEC] = bias[c];
+        for (int r = 0; r < R; r++) acc[r][0] += b[0], acc[r][1] += b[1];
     }
     for (int r = 0; r < R; r++) {
         float *yr = y + (long)r * n;
@@ -205,25 +211,26 @@ static inline __attribute__((always_inline)) void linear_tile(const float *x, co
 
 /* All rows of x against TILE_COLS columns of a panel: tiles of TILE_ROWS rows, then what is
  * left in tiles of 8, 4, 2, 1. */
-static void linear_columns(const float *x, const float *w, float *y, int m, int cols, int n, int k) {
+static void linear_columns(const float *x, const float *w, const float *b, float *y, int m, int cols, int n, int k) {
     int i = 0;
-    for (; i + TILE_ROWS <= m; i += TILE_ROWS) linear_tile(x + (long)i * k, w, y + (long)i * n, TILE_ROWS, cols, n, k);
-    if (m - i >= 8) { linear_tile(x + (long)i * k, w, y + (long)i * n, 8, cols, n, k); i += 8; }
-    if (m - i >= 4) { linear_tile(x + (long)i * k, w, y + (long)i * n, 4, cols, n, k); i += 4; }
-    if (m - i >= 2) { linear_tile(x + (long)i * k, w, y + (long)i * n, 2, cols, n, k); i += 2; }
-    if (m - i >= 1) linear_tile(x + (long)i * k, w, y + (long)i * n, 1, cols, n, k);
+    for (; i + TILE_ROWS <= m; i += TILE_ROWS) linear_tile(x + (long)i * k, w, b, y + (long)i * n, TILE_ROWS, cols, n, k);
+    if (m - i >= 8) { linear_tile(x + (long)i * k, w, b, y + (long)i * n, 8, cols, n, k); i += 8; }
+    if (m - i >= 4) { linear_tile(x + (long)i * k, w, b, y + (long)i * n, 4, cols, n, k); i += 4; }
+    if (m - i >= 2) { linear_tile(x + (long)i * k, w, b, y + (long)i * n, 2, cols, n, k); i += 2; }
+    if (m - i >= 1) linear_tile(x + (long)i * k, w, b, y + (long)i * n, 1, cols, n, k);
 }
 
-/* x [m, k], panels [ceil(n / 32), k, 32] (weight row j is panels[j / 32, :, j % 32]), y [m, n].
- * Threads split the panels; each panel (k x 128 bytes) stays in cache while every row of x
- * passes by. */
-void packed_linear(const float *x, const float *panels, float *y, int m, int n, int k, int num_threads) {
+/* x [m, k], panels [ceil(n / 32), k, 32] (weight row j is panels[j / 32, :, j % 32]), bias [n] or
+ * NULL, y [m, n]. Threads split the panels; each panel (k x 128 bytes) stays in cache while every
+ * row of x passes by. */
+void packed_linear(const float *x, const float *panels, const float *bias, float *y, int m, int n, int k,
+                   int num_threads) {
     const int num_panels = (n + PANEL - 1) / PANEL;
 #pragma omp parallel for schedule(static) num_threads(num_threads)
     for (int p = 0; p < num_panels; p++) {
         const int cols = n - p * PANEL < PANEL ? n - p * PANEL : PANEL; /* < 32 in a padded last panel */
         for (int c = 0; c < cols; c += TILE_COLS)
-            linear_columns(x, panels + (long)p * k * PANEL + c, y + p * PANEL + c, m,
-                           cols - c < TILE_COLS ? cols - c : TILE_COLS, n, k);
+            linear_columns(x, panels + (long)p * k * PANEL + c, bias ? bias + p * PANEL + c : NULL,
+                           y + p * PANEL + c, m, cols - c < TILE_COLS ? cols - c : TILE_COLS, n, k);
     }
 }

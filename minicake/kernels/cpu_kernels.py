@@ -16,6 +16,7 @@ no compiler (or the build fails) a warning says so once and torch does the work 
 slower, same numbers.
 """
 import ctypes
+from contextlib import contextmanager
 import hashlib
 import logging
 import mmap
@@ -36,6 +37,7 @@ SOURCE = Path(__file__).with_suffix(".c")
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
 BUILD_TIMEOUT_S = 120
 _library = None  # the loaded ctypes library; False once a build failed
+_recording = None  # the list of calls while `recording()`
 
 
 def _build() -> Path:
@@ -68,8 +70,8 @@ def library():
             return None
         # the C signatures: pointers are tensors' data_ptr()s
         ptr, i32 = ctypes.c_void_p, ctypes.c_int
-        _library.paged_decode_attention.argtypes = [ptr] * 6 + [i32] * 6 + [ctypes.c_float, i32]
-        _library.packed_linear.argtypes = [ptr] * 3 + [i32] * 4
+        _library.paged_decode_attention.argtypes = [ptr, ctypes.c_long] + [ptr] * 5 + [i32] * 6 + [ctypes.c_float, i32]
+        _library.packed_linear.argtypes = [ptr] * 4 + [i32] * 4
         _library.rms_norm.argtypes = [ptr] * 5 + [i32] * 2 + [ctypes.c_float, i32]
         _library.rope.argtypes = [ptr] * 5 + [i32] * 4 + [ctypes.c_long] * 2 + [i32]
         _library.store_kv.argtypes = [ptr] * 5 + [i32] * 2 + [ctypes.c_long] * 3
@@ -78,6 +80,24 @@ def library():
                        _library.silu_and_mul):
             kernel.restype = None
     return _library or None
+
+
+@contextmanager
+def recording():
+    """Within it every C kernel call is also appended, as (kernel, args), to the list it yields:
+    a decode step recorded once and replayed (model/decode_graph.py)."""
+    global _recording
+    _recording = calls = []
+    try:
+        yield calls
+    finally:
+        _recording = None
+
+
+def _run(kernel, *args):
+    if _recording is not None:
+        _recording.append((kernel, args))
+    return kernel(*args)
 
 
 def usable(x) -> bool:
@@ -92,7 +112,7 @@ def rms_norm(x, weight, eps, residual=None):
     dim = x.shape[-1]
     out = torch.empty_like(x)
     new_residual = None if residual is None else torch.empty_like(x)
-    library().rms_norm(x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(),
+    _run(library().rms_norm, x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(),
                        out.data_ptr(), None if residual is None else new_residual.data_ptr(),
                        x.numel() // dim, dim, eps, torch.get_num_threads())
     return out if residual is None else (out, new_residual)
@@ -106,7 +126,7 @@ def rope_(q, k, positions, cos_table, sin_table):
     (n, q_heads, head_dim), k_heads = q.shape, k.shape[1]
     assert q.stride(2) == k.stride(2) == 1 and q.stride(1) == k.stride(1) == head_dim == k.shape[2]
     assert cos_table.is_contiguous() and sin_table.is_contiguous() and positions.dtype == torch.int64
-    library().rope(q.data_ptr(), k.data_ptr(), positions.contiguous().data_ptr(), cos_table.data_ptr(),
+    _run(library().rope, q.data_ptr(), k.data_ptr(), positions.contiguous().data_ptr(), cos_table.data_ptr(),
                    sin_table.data_ptr(), n, q_heads, k_heads, head_dim, q.stride(0), k.stride(0),
                    torch.get_num_threads())
     return q, k
@@ -122,7 +142,7 @@ def store_kv(k, v, k_cache, v_cache, slot_mapping):
         assert x.shape[1] * x.shape[2] == row and x.stride(1) == x.shape[2] and x.stride(2) == 1
     assert k_cache.is_contiguous() and v_cache.is_contiguous()
     num_slots = k_cache.shape[0] * k_cache.shape[1]
-    bad = library().store_kv(k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+    bad = _run(library().store_kv, k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
                              slot_mapping.contiguous().data_ptr(), k.shape[0], row, k.stride(0), v.stride(0), num_slots)
     if bad >= 0:
         raise IndexError(f"slot_mapping[{bad}] = {int(slot_mapping[bad])} is past the cache's {num_slots} slots")
@@ -133,29 +153,30 @@ def silu_and_mul(x):
     assert x.is_contiguous()
     n, d = x.shape[0], x.shape[1] // 2
     out = torch.empty(n, d)
-    library().silu_and_mul(x.data_ptr(), out.data_ptr(), n, d, torch.get_num_threads())
+    _run(library().silu_and_mul, x.data_ptr(), out.data_ptr(), n, d, torch.get_num_threads())
     return out
 
 
 def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale):
     """Same contract as `reference.decode_attention_ref` (float32 CPU tensors only).
 
-    q: [num_seqs, num_q_heads, head_dim], one new token per sequence, already in the cache;
+    q: [num_seqs, num_q_heads, head_dim], one new token per sequence, already in the cache (token
+    rows may be strided: a view of the fused q/k/v output);
     k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim];
     block_tables: [num_seqs, max_blocks] int32; seq_lens: [num_seqs] int32.
     Returns [num_seqs, num_q_heads, head_dim].
     """
-    assert q.dtype == k_cache.dtype == v_cache.dtype == torch.float32 and q.device.type == "cpu"
+    assert q.dtype == k_cache.dtype == v_cache.dtype == torch.float32 and q.is_cpu
     assert k_cache.is_contiguous() and v_cache.is_contiguous()
     num_seqs, num_q_heads, head_dim = q.shape
-    q = q.contiguous()
+    assert q.stride(2) == 1 and q.stride(1) == head_dim, "each token's heads side by side"
     block_tables = block_tables.to(torch.int32).contiguous()
     seq_lens = seq_lens.to(torch.int32).contiguous()
-    out = torch.empty_like(q)
-    library().paged_decode_attention(
-        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), seq_lens.data_ptr(),
-        out.data_ptr(), num_seqs, block_tables.shape[1], num_q_heads, k_cache.shape[2], head_dim,
-        k_cache.shape[1], scale, torch.get_num_threads())
+    out = torch.empty(num_seqs, num_q_heads, head_dim)
+    _run(library().paged_decode_attention,
+         q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
+         seq_lens.data_ptr(), out.data_ptr(), num_seqs, block_tables.shape[1], num_q_heads, k_cache.shape[2],
+         head_dim, k_cache.shape[1], scale, torch.get_num_threads())
     return out
 
 
@@ -205,13 +226,14 @@ def huge_page_empty(numel: int):
 def packed_linear(x, panels, out_features, bias=None):
     """F.linear(x, weight, bias) for float32 CPU tensors, given panels = pack_weight(weight).
     x: [m, k]; bias: [n] or None. Returns [m, n]."""
-    assert x.dim() == 2 and x.dtype == panels.dtype == torch.float32 and x.device.type == panels.device.type == "cpu"
+    assert x.dim() == 2 and x.dtype == panels.dtype == torch.float32 and x.is_cpu and panels.is_cpu
     assert panels.shape == (num_panels(out_features), x.shape[1], PANEL) and panels.is_contiguous()
+    assert bias is None or (bias.shape == (out_features,) and bias.dtype == torch.float32 and bias.is_contiguous())
     x = x.contiguous()
     out = torch.empty(x.shape[0], out_features)
-    library().packed_linear(x.data_ptr(), panels.data_ptr(), out.data_ptr(), x.shape[0], out_features,
-                            x.shape[1], torch.get_num_threads())
-    return out if bias is None else out.add_(bias)
+    _run(library().packed_linear, x.data_ptr(), panels.data_ptr(), None if bias is None else bias.data_ptr(),
+         out.data_ptr(), x.shape[0], out_features, x.shape[1], torch.get_num_threads())
+    return out
 
 
 class Linear(nn.Linear):

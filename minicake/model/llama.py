@@ -149,8 +149,12 @@ class CausalLM(nn.Module):
     def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches):
         """input_ids, positions: [num_tokens] int64; kv_caches: one (k_cache, v_cache) per layer.
         Returns [num_tokens, hidden_size] after the final norm."""
+        return self.run_layers(self.embed(input_ids), positions, meta, kv_caches)
+
+    def run_layers(self, hidden, positions, meta: AttentionMetadata, kv_caches):
+        """The decoder layers and the final norm over embeddings hidden [num_tokens, hidden_size]."""
         assert len(kv_caches) == len(self.layers), f"{len(kv_caches)} KV caches for {len(self.layers)} layers"
-        hidden, residual = self.embed(input_ids), None
+        residual = None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             hidden, residual = layer(positions, hidden, residual, meta, k_cache, v_cache)
         return self.final_norm(hidden, residual)

@@ -25,7 +25,7 @@ from minicake.serve.metrics import ServerMetrics
 
 ENGINE_FLAGS = ("model", "device", "dtype", "block_size", "max_num_seqs", "max_model_len",
                 "max_num_batched_tokens", "num_kv_blocks", "kv_pool_blocks",
-                "num_threads")
+                "num_threads", "enforce_eager")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "within it (counted in minicake:requests_effective)")
     p.add_argument("--tbt-slo", type=float, help="seconds, on the paper's TBT (mean of a "
                    "request's slowest 10%% of gaps)")
+    p.add_argument("--enforce-eager", action="store_true", default=None,
+                   help="run every step eagerly: no decode graphs (recorded small decode steps, replayed)")
     p.add_argument("--kv-pool-blocks", type=int,
                    help="host-memory KV pool of each prefill instance, in blocks (default: none)")
     p.add_argument("--scheduler", choices=SCHEDULERS, default="kvcache",

@@ -1,0 +1,95 @@
+"""Decode graphs: a small decode step recorded once and replayed (CUDA graphs' idea, on the CPU).
+
+At batch 1 a decode step of the bundled model is ~300 calls into the C kernels, and between
+them Python and torch spend ~3 ms choosing paths, checking shapes and allocating outputs: a
+fifth of the step, on top of the weight reads that bound it. Yet every decode step of a given
+batch size makes the same calls; only the values in a few inputs change (the token ids'
+embeddings, positions, cache slots, block tables, lengths). So, as vLLM records a CUDA graph
+per decode batch size, the runner records the C calls of one decode step of `batch`
+sequences over fixed input buffers, then replays them: write the step's inputs into those
+buffers and call the recorded kernels with the recorded arguments. No checks, no
+allocations, no module calls on that path; the graph keeps alive every buffer the calls
+point into, so the pointers stay valid.
+
+Only the C calls are replayed, so while recording every torch op the model runs is watched
+(a TorchDispatchMode): allocations and views are fine, they are the graph's buffers; an op
+that computes values (a torch fallback, a copy) would be skipped by the replay, so it makes
+the step unrecordable (`NotRecordable`) and the runner keeps that batch size eager.
+"""
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from minicake.kernels import cpu_kernels
+from minicake.model.attention import AttentionMetadata
+
+ALLOCATIONS = (torch.ops.aten.empty, torch.ops.aten.empty_like)
+
+
+class NotRecordable(Exception):
+    """The step ran a torch op that computes values: its C calls alone do not replay it."""
+
+
+class _OnlyBuffers(TorchDispatchMode):
+    """Lets through allocations and views (ops whose results share an input's memory), keeping
+    their results alive; refuses every other op."""
+
+    def __init__(self):
+        super().__init__()
+        self.buffers = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outs = list(out) if isinstance(out, (tuple, list)) else [out]
+        inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+        if func.overloadpacket not in ALLOCATIONS and any(o.untyped_storage().data_ptr() not in inputs for o in outs):
+            raise NotRecordable(f"{func} computes values")
+        self.buffers += outs
+        return out
+
+
+class DecodeGraph:
+    """A decode step of `batch` sequences (one new token each), run by `record` once and by
+    `replay` after that. Both return logits [batch, vocab_size] float32 in a buffer that the
+    next replay overwrites."""
+
+    def __init__(self, model, kv_caches, batch: int):
+        self.model, self.kv_caches = model, kv_caches
+        num_blocks = kv_caches[0][0].shape[0]  # no sequence holds more blocks than the cache has
+        # the fixed inputs; every step writes its values into them
+        self.hidden = torch.empty(batch, model.config.hidden_size)  # [batch, hidden_size] embeddings
+        self.positions = torch.zeros(batch, dtype=torch.int64)
+        self.meta = AttentionMetadata(
+            query_start_loc=torch.arange(batch + 1, dtype=torch.int32),
+            context_lens=torch.ones(batch, dtype=torch.int32),
+            block_tables=torch.full((batch, num_blocks), -1, dtype=torch.int32),
+            slot_mapping=torch.full((batch,), -1, dtype=torch.int64),
+        )
+        self.calls = None  # [(kernel, args)] once recorded
+        self.buffers = []  # every tensor the recorded calls point into
+        self.logits = None
+
+    def _set_inputs(self, input_ids, positions, meta: AttentionMetadata) -> None:
+        torch.index_select(self.model.embed_tokens.weight, 0, input_ids, out=self.hidden)
+        self.positions.copy_(positions)
+        self.meta.context_lens.copy_(meta.context_lens)
+        self.meta.slot_mapping.copy_(meta.slot_mapping)
+        # columns past a sequence's blocks keep stale ids: attention reads only up to its length
+        self.meta.block_tables[:, :meta.block_tables.shape[1]] = meta.block_tables
+
+    def record(self, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
+        """Run the step over the fixed inputs, recording its C calls. On NotRecordable the step
+        stopped part way: run it again eagerly (K/V stored twice are the same values)."""
+        self._set_inputs(input_ids, positions, meta)
+        watch = _OnlyBuffers()
+        with cpu_kernels.recording() as calls, watch:
+            hidden = self.model.run_layers(self.hidden, self.positions, self.meta, self.kv_caches)
+            logits = self.model.compute_logits(hidden)
+        self.calls, self.buffers, self.logits = calls, watch.buffers, logits
+        return logits
+
+    def replay(self, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
+        self._set_inputs(input_ids, positions, meta)
+        for kernel, args in self.calls:
+            if kernel(*args) not in (None, -1):  # store_kv: a slot past the cache (checked when recorded)
+                raise IndexError("slot_mapping points past the KV cache")
+        return self.logits
