@@ -89,10 +89,12 @@ class ModelRunner:
         if batch in self.graphs:  # recorded before (None: recording failed)
             graph = self.graphs[batch]
             return None if graph is None else graph.replay(input_ids, positions, meta)
-        graph = self.graphs[batch] = DecodeGraph(self.model, self.kv_caches, batch)
+        graph = DecodeGraph(self.model, self.kv_caches, batch)
         try:
-            return graph.record(input_ids, positions, meta)
+            logits = graph.record(input_ids, positions, meta)
         except NotRecordable as e:
             logger.info("decode steps of %d sequences run eagerly: recording their graph met %s", batch, e)
             self.graphs[batch] = None
             return None
+        self.graphs[batch] = graph
+        return logits
