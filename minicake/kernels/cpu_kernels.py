@@ -16,7 +16,6 @@ no compiler (or the build fails) a warning says so once and torch does the work 
 slower, same numbers.
 """
 import ctypes
-from contextlib import contextmanager
 import hashlib
 import logging
 import mmap
@@ -24,6 +23,7 @@ import os
 import platform
 import subprocess
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -95,6 +95,7 @@ def recording():
 
 
 def _run(kernel, *args):
+    """Every wrapper below calls its kernel through here."""
     if _recording is not None:
         _recording.append((kernel, args))
     return kernel(*args)
@@ -113,8 +114,8 @@ def rms_norm(x, weight, eps, residual=None):
     out = torch.empty_like(x)
     new_residual = None if residual is None else torch.empty_like(x)
     _run(library().rms_norm, x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(),
-                       out.data_ptr(), None if residual is None else new_residual.data_ptr(),
-                       x.numel() // dim, dim, eps, torch.get_num_threads())
+         out.data_ptr(), None if residual is None else new_residual.data_ptr(), x.numel() // dim, dim, eps,
+         torch.get_num_threads())
     return out if residual is None else (out, new_residual)
 
 
@@ -127,8 +128,7 @@ def rope_(q, k, positions, cos_table, sin_table):
     assert q.stride(2) == k.stride(2) == 1 and q.stride(1) == k.stride(1) == head_dim == k.shape[2]
     assert cos_table.is_contiguous() and sin_table.is_contiguous() and positions.dtype == torch.int64
     _run(library().rope, q.data_ptr(), k.data_ptr(), positions.contiguous().data_ptr(), cos_table.data_ptr(),
-                   sin_table.data_ptr(), n, q_heads, k_heads, head_dim, q.stride(0), k.stride(0),
-                   torch.get_num_threads())
+         sin_table.data_ptr(), n, q_heads, k_heads, head_dim, q.stride(0), k.stride(0), torch.get_num_threads())
     return q, k
 
 
@@ -143,7 +143,7 @@ def store_kv(k, v, k_cache, v_cache, slot_mapping):
     assert k_cache.is_contiguous() and v_cache.is_contiguous()
     num_slots = k_cache.shape[0] * k_cache.shape[1]
     bad = _run(library().store_kv, k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-                             slot_mapping.contiguous().data_ptr(), k.shape[0], row, k.stride(0), v.stride(0), num_slots)
+               slot_mapping.contiguous().data_ptr(), k.shape[0], row, k.stride(0), v.stride(0), num_slots)
     if bad >= 0:
         raise IndexError(f"slot_mapping[{bad}] = {int(slot_mapping[bad])} is past the cache's {num_slots} slots")
 
