@@ -24,7 +24,8 @@ def logits_at_the_sampler(monkeypatch, llm, requests):
     return seen, outputs
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q/k/v biases, added inside the C matmul
+# qwen2: q/k/v biases, added inside the C matmul; qwen3: RMSNorm of each head of q and k, in C on the views
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_replayed_steps_give_the_eager_logits_bit_for_bit(tiny_checkpoint, monkeypatch, arch):
     # greedy and seeded sampling; the batch shrinks from 5 to 1 as requests end (12 new tokens for
     # the first 2, 6 for the rest)

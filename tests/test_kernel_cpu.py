@@ -114,6 +114,16 @@ def test_rms_norm_equals_the_formula(rows, with_residual):
 
 
 @needs_kernel
+@pytest.mark.parametrize("tokens", [1, 33])  # 33 x 3 heads: split between the threads
+def test_rms_norm_of_each_head_of_a_strided_view(tokens):
+    """Qwen3 normalizes each head of q and k: views of the fused q/k/v output."""
+    fused, weight = torch.randn(tokens, 7, 32), torch.rand(32) + 0.5  # 3 heads of q, 2 of k, 2 of v
+    q = fused.split_with_sizes([3, 2, 2], dim=1)[0]  # [tokens, 3, 32], token rows 224 floats apart
+    expected = weight * (q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + 1e-6))
+    torch.testing.assert_close(cpu_kernels.rms_norm(q, weight, 1e-6), expected, **FP32_TOL)
+
+
+@needs_kernel
 @pytest.mark.parametrize("tokens", [1, 33])
 def test_rope_rotates_strided_q_and_k_in_place_like_rotate_half(tokens):
     from minicake.model.rope import RotaryEmbedding

@@ -109,14 +109,17 @@ void paged_decode_attention(const float *q, long q_row, const float *k_cache, co
     }
 }
 
-/* x, out [n, dim]; weight [dim]. With a residual [n, dim] (else NULL): new_residual = x + residual,
- * and that sum is what is normalized. out = h / sqrt(mean(h^2) + eps) * weight, as transformers'
- * LlamaRMSNorm computes it in float32. One fused pass instead of torch's five small ops. */
-void rms_norm(const float *x, const float *residual, const float *weight, float *out, float *new_residual,
-              int n, int dim, float eps, int num_threads) {
-#pragma omp parallel for schedule(static) num_threads(num_threads) if (n >= 16)
-    for (int i = 0; i < n; i++) {
-        const float *h = x + (long)i * dim;
+/* x [n, heads, dim]: each token's heads side by side, token rows x_row floats apart (heads = 1
+ * and x_row = dim for hidden states; a view of the q/k/v output for Qwen3's per-head norm);
+ * weight [dim]; out [n * heads, dim]. With a residual [n, dim] (heads = 1; else NULL):
+ * new_residual = x + residual, and that sum is what is normalized. out = h / sqrt(mean(h^2) +
+ * eps) * weight, as transformers' LlamaRMSNorm computes it in float32. One fused pass instead
+ * of torch's five small ops. */
+void rms_norm(const float *x, long x_row, const float *residual, const float *weight, float *out,
+              float *new_residual, int n, int heads, int dim, float eps, int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (n * heads >= 16)
+    for (int i = 0; i < n * heads; i++) {
+        const float *h = x + (i / heads) * x_row + (long)(i % heads) * dim;
         if (residual) {
             float *sum = new_residual + (long)i * dim;
             for (int d = 0; d < dim; d++) sum[d] = h[d] + residual[(long)i * dim + d];

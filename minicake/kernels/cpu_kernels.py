@@ -72,7 +72,7 @@ def library():
         ptr, i32 = ctypes.c_void_p, ctypes.c_int
         _library.paged_decode_attention.argtypes = [ptr, ctypes.c_long] + [ptr] * 5 + [i32] * 6 + [ctypes.c_float, i32]
         _library.packed_linear.argtypes = [ptr] * 4 + [i32] * 4
-        _library.rms_norm.argtypes = [ptr] * 5 + [i32] * 2 + [ctypes.c_float, i32]
+        _library.rms_norm.argtypes = [ptr, ctypes.c_long] + [ptr] * 4 + [i32] * 3 + [ctypes.c_float, i32]
         _library.rope.argtypes = [ptr] * 5 + [i32] * 4 + [ctypes.c_long] * 2 + [i32]
         _library.store_kv.argtypes = [ptr] * 5 + [i32] * 2 + [ctypes.c_long] * 3
         _library.silu_and_mul.argtypes = [ptr] * 2 + [i32] * 3
@@ -106,16 +106,29 @@ def usable(x) -> bool:
     return x.is_cpu and x.dtype == torch.float32 and library() is not None
 
 
+def heads_side_by_side(x) -> bool:
+    """x [num_tokens, heads, head_dim] holds each token's heads contiguously; token rows may be
+    strided (views of the fused q/k/v output). The C kernels take q, k and v so."""
+    return x.dim() == 3 and x.stride(2) == 1 and x.stride(1) == x.shape[2]
+
+
 def rms_norm(x, weight, eps, residual=None):
-    """Same result as `llama.RMSNorm`. x, residual: [..., dim] contiguous float32; weight: [dim].
-    Returns the normalized x, or with a residual (out, x + residual) with the sum normalized."""
-    assert x.is_contiguous() and (residual is None or residual.is_contiguous())
+    """Same result as `llama.RMSNorm`. x: [..., dim] float32, contiguous, or [num_tokens, heads, dim]
+    with `heads_side_by_side` (Qwen3's per-head norm of q and k); residual: like x, contiguous;
+    weight: [dim]. Returns the normalized x (contiguous), or with a residual (out, x + residual)
+    with the sum normalized."""
     dim = x.shape[-1]
-    out = torch.empty_like(x)
-    new_residual = None if residual is None else torch.empty_like(x)
-    _run(library().rms_norm, x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(),
-         out.data_ptr(), None if residual is None else new_residual.data_ptr(), x.numel() // dim, dim, eps,
-         torch.get_num_threads())
+    if x.is_contiguous():
+        tokens, heads, x_row = x.numel() // dim, 1, dim
+    else:
+        assert heads_side_by_side(x) and residual is None
+        tokens, heads, x_row = x.shape[0], x.shape[1], x.stride(0)
+    assert residual is None or residual.is_contiguous()
+    out = torch.empty(x.shape)
+    new_residual = None if residual is None else torch.empty(x.shape)
+    _run(library().rms_norm, x.data_ptr(), x_row, None if residual is None else residual.data_ptr(),
+         weight.data_ptr(), out.data_ptr(), None if residual is None else new_residual.data_ptr(), tokens, heads,
+         dim, eps, torch.get_num_threads())
     return out if residual is None else (out, new_residual)
 
 
@@ -125,7 +138,7 @@ def rope_(q, k, positions, cos_table, sin_table):
     float32. Token rows may be strided (views of the fused q/k/v output); each row's heads must
     be contiguous."""
     (n, q_heads, head_dim), k_heads = q.shape, k.shape[1]
-    assert q.stride(2) == k.stride(2) == 1 and q.stride(1) == k.stride(1) == head_dim == k.shape[2]
+    assert heads_side_by_side(q) and heads_side_by_side(k) and k.shape[2] == head_dim
     assert cos_table.is_contiguous() and sin_table.is_contiguous() and positions.dtype == torch.int64
     _run(library().rope, q.data_ptr(), k.data_ptr(), positions.contiguous().data_ptr(), cos_table.data_ptr(),
          sin_table.data_ptr(), n, q_heads, k_heads, head_dim, q.stride(0), k.stride(0), torch.get_num_threads())
@@ -138,8 +151,8 @@ def store_kv(k, v, k_cache, v_cache, slot_mapping):
     [num_blocks, block_size, num_kv_heads, head_dim]; slot_mapping [num_tokens] int64, -1 = skip."""
     row = k_cache.shape[2] * k_cache.shape[3]
     assert k.dtype == v.dtype == k_cache.dtype == v_cache.dtype == torch.float32 and slot_mapping.dtype == torch.int64
-    for x in (k, v):  # each token's heads side by side
-        assert x.shape[1] * x.shape[2] == row and x.stride(1) == x.shape[2] and x.stride(2) == 1
+    for x in (k, v):
+        assert heads_side_by_side(x) and x.shape[1] * x.shape[2] == row
     assert k_cache.is_contiguous() and v_cache.is_contiguous()
     num_slots = k_cache.shape[0] * k_cache.shape[1]
     bad = _run(library().store_kv, k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
@@ -169,7 +182,7 @@ def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale):
     assert q.dtype == k_cache.dtype == v_cache.dtype == torch.float32 and q.is_cpu
     assert k_cache.is_contiguous() and v_cache.is_contiguous()
     num_seqs, num_q_heads, head_dim = q.shape
-    assert q.stride(2) == 1 and q.stride(1) == head_dim, "each token's heads side by side"
+    assert heads_side_by_side(q)
     block_tables = block_tables.to(torch.int32).contiguous()
     seq_lens = seq_lens.to(torch.int32).contiguous()
     out = torch.empty(num_seqs, num_q_heads, head_dim)

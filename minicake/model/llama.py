@@ -29,9 +29,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x, residual=None):
-        if cpu_kernels.usable(x) and x.is_contiguous() and (residual is None or residual.is_contiguous()):
-            # the same, as one C call
-            return cpu_kernels.rms_norm(x, self.weight, self.eps, residual)
+        if cpu_kernels.usable(x) and (residual is None or residual.is_contiguous()) and \
+                (x.is_contiguous() or (residual is None and cpu_kernels.heads_side_by_side(x))):
+            return cpu_kernels.rms_norm(x, self.weight, self.eps, residual)  # the same, as one C call
         if residual is not None:
             x = residual = x + residual
         out = self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)

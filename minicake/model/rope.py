@@ -52,7 +52,7 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions, q, k):
         """positions: [num_tokens]; q: [num_tokens, num_q_heads, head_dim]; k: [num_tokens, num_kv_heads, head_dim].
         On the CPU in float32, rotates q and k in place (one C call)."""
-        if cpu_kernels.usable(q) and q.stride(1) == k.stride(1) == q.shape[2] and q.stride(2) == k.stride(2) == 1:
+        if cpu_kernels.usable(q) and cpu_kernels.heads_side_by_side(q) and cpu_kernels.heads_side_by_side(k):
             return cpu_kernels.rope_(q, k, positions, *self._table(q.device))
         if self._step[0] is not positions:
             cos_table, sin_table = self._table(q.device)
