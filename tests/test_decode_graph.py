@@ -9,7 +9,7 @@ from test_llm import prompts, tiny_llm
 
 from minicake.kernels import cpu_kernels
 from minicake.model import runner as runner_module
-from minicake.model.decode_graph import DecodeGraph
+from minicake.model.decode_graph import DecodeGraph, NotRecordable, _OnlyBuffers
 from minicake.sampling import SamplingParams
 
 pytestmark = pytest.mark.skipif(cpu_kernels.library() is None, reason="no C compiler here: no decode graphs")
@@ -27,7 +27,7 @@ def logits_at_the_sampler(monkeypatch, llm, requests):
 # qwen2: q/k/v biases, added inside the C matmul; qwen3: RMSNorm of each head of q and k, in C on the views
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_replayed_steps_give_the_eager_logits_bit_for_bit(tiny_checkpoint, monkeypatch, arch):
-    # greedy and seeded sampling; the batch shrinks from 5 to 1 as requests end (12 new tokens for
+    # greedy and seeded sampling; the batch shrinks from 5 to 2 as requests end (12 new tokens for
     # the first 2, 6 for the rest)
     params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)] * 2 + \
              [SamplingParams(temperature=0.8, top_p=0.9, seed=s, max_tokens=6, ignore_eos=True) for s in range(3)]
@@ -63,3 +63,28 @@ def test_larger_batches_run_eagerly(tiny_checkpoint):
     llm = tiny_llm(tiny_checkpoint)
     llm.generate(prompts([5] * n), SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
     assert llm.engine.runner.graphs == {}
+
+
+def test_a_decode_instance_whose_first_step_is_a_decode_records_too(tiny_checkpoint):
+    """One-token prompts: the first step already decodes (as on a decode instance, which never
+    prefills); RoPE's table is built on first use, by the unrecorded run before the recording."""
+    llm = tiny_llm(tiny_checkpoint)
+    llm.generate(prompts([1, 1]), SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    assert isinstance(llm.engine.runner.graphs[2], DecodeGraph)
+
+
+def test_a_cpu_engine_in_bf16_runs_eagerly(tiny_checkpoint):
+    llm = tiny_llm(tiny_checkpoint, dtype="bfloat16")
+    outputs = llm.generate(prompts()[:2], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    assert llm.engine.runner.graphs is None and all(len(o.token_ids) == 3 for o in outputs)
+
+
+def test_the_recording_guard_passes_allocations_and_views_only():
+    x = torch.zeros(4, 6)
+    with _OnlyBuffers() as watch:
+        view, (left, right), new = x.view(2, 12), x.split_with_sizes([2, 4], dim=1), torch.empty(3)
+    assert all(any(t is b for b in watch.buffers) for t in (view, left, right, new)), "kept alive"
+    for op, what in [(lambda: x.add_(1), "writes into a tensor"), (lambda: x + 1, "computes values"),
+                     (lambda: x.sum().item(), "computes values"), (lambda: x.contiguous().t().contiguous(), "computes")]:
+        with pytest.raises(NotRecordable, match=what), _OnlyBuffers():
+            op()

@@ -1,8 +1,8 @@
 """The C kernels of the CPU path equal torch: decode attention equals the torch reference and
 reads only the slots a sequence owns (every other slot holds NaN); the packed matmul equals
 F.linear for every leftover of its 12-row tiles and 32-column panels; the fused RMSNorm, the
-in-place RoPE, the KV store and silu_and_mul equal their formulas or the torch reference. Where no C compiler is found, one warning and torch
-does the work.
+in-place RoPE, the KV store and silu_and_mul equal their formulas or the torch reference.
+Where no C compiler is found, one warning and torch does the work.
 """
 import pytest
 import torch
@@ -30,6 +30,16 @@ def test_kernel_equals_reference(group, num_kv_heads, head_dim, block_size):
     out = cpu_kernels.decode_attention(*decode_args(batch))
     assert not out.isnan().any(), "read a slot outside the sequence's blocks"
     torch.testing.assert_close(out, decode_attention_ref(*decode_args(batch)), **FP32_TOL)
+
+
+@needs_kernel
+def test_kernel_reads_q_as_a_view_of_the_fused_qkv_output():
+    batch = make_batch([(37, 1), (0, 1), (15, 1)], group=3, num_kv_heads=3, head_dim=64)
+    q, *rest = decode_args(batch)
+    fused = torch.randn(q.shape[0], q.shape[1] + 6, q.shape[2])  # per token: the q heads, then 3 k and 3 v
+    fused[:, :q.shape[1]] = q
+    out = cpu_kernels.decode_attention(fused[:, :q.shape[1]], *rest)
+    torch.testing.assert_close(out, decode_attention_ref(q, *rest), **FP32_TOL)
 
 
 @needs_kernel

@@ -21,6 +21,7 @@
  * -O3 -march=native -ffast-math -fopenmp.
  */
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -147,7 +148,7 @@ static void rotate(float *x, const float *cos, const float *sin, int heads, int 
 
 /* RoPE of q [n, q_heads, head_dim] and k [n, k_heads, head_dim], in place, in one call; token rows
  * q_row and k_row floats apart (views of the fused q/k/v output). cos/sin [max_positions, head_dim]. */
-void rope(float *q, float *k, const long *positions, const float *cos_table, const float *sin_table,
+void rope(float *q, float *k, const int64_t *positions, const float *cos_table, const float *sin_table,
           int n, int q_heads, int k_heads, int head_dim, long q_row, long k_row, int num_threads) {
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (n >= 16)
     for (int t = 0; t < n; t++) {
@@ -161,7 +162,7 @@ void rope(float *q, float *k, const long *positions, const float *cos_table, con
  * floats apart (views of the fused q/k/v output); k/v_cache [num_slots, row]; slots [n] int64, -1 = skip (a
  * padded token, or one whose block came from the prefix cache). Returns the first token whose slot
  * is past the cache (nothing of it written), or -1. */
-int store_kv(const float *k, const float *v, float *k_cache, float *v_cache, const long *slots,
+int store_kv(const float *k, const float *v, float *k_cache, float *v_cache, const int64_t *slots,
              int n, int row, long k_row, long v_row, long num_slots) {
     for (int t = 0; t < n; t++) {
         if (slots[t] < 0) continue;

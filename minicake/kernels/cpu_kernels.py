@@ -78,7 +78,7 @@ def library():
         _library.silu_and_mul.argtypes = [ptr] * 2 + [i32] * 3
         for kernel in (_library.paged_decode_attention, _library.packed_linear, _library.rms_norm, _library.rope,
                        _library.silu_and_mul):
-            kernel.restype = None
+            kernel.restype = None  # store_kv keeps ctypes' default, int: -1, or the first bad slot's token
     return _library or None
 
 

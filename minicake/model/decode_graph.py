@@ -8,8 +8,10 @@ embeddings, positions, cache slots, block tables, lengths). So, as vLLM records 
 per decode batch size, the runner records the C calls of one decode step of `batch`
 sequences over fixed input buffers, then replays them: write the step's inputs into those
 buffers and call the recorded kernels with the recorded arguments. No checks, no
-allocations, no module calls on that path; the graph keeps alive every buffer the calls
-point into, so the pointers stay valid.
+allocations, no module calls on that path. The pointers stay valid: the graph keeps alive
+the buffers made while recording, its inputs and the KV caches, and the model its weights and
+RoPE tables (built once). What the recorded arguments fix stays fixed: the thread count, and
+the C attention path even if `set_attention_backend` changes later in the process.
 
 Only the C calls are replayed, so while recording every torch op the model runs is watched
 (a TorchDispatchMode): allocations and views are fine, they are the graph's buffers; an op
@@ -30,18 +32,21 @@ class NotRecordable(Exception):
 
 
 class _OnlyBuffers(TorchDispatchMode):
-    """Lets through allocations and views (ops whose results share an input's memory), keeping
-    their results alive; refuses every other op."""
+    """Lets through allocations and views (ops that write nothing and return tensors sharing an
+    input's memory), keeping their results alive; refuses every other op."""
 
     def __init__(self):
         super().__init__()
         self.buffers = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.is_mutable:  # add_, copy_, index_copy_, out=...: writes values
+            raise NotRecordable(f"{func} writes into a tensor")
         out = func(*args, **(kwargs or {}))
         outs = list(out) if isinstance(out, (tuple, list)) else [out]
         inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
-        if func.overloadpacket not in ALLOCATIONS and any(o.untyped_storage().data_ptr() not in inputs for o in outs):
+        if func.overloadpacket not in ALLOCATIONS and not all(
+                isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() in inputs for o in outs):
             raise NotRecordable(f"{func} computes values")
         self.buffers += outs
         return out
@@ -56,7 +61,8 @@ class DecodeGraph:
         self.model, self.kv_caches = model, kv_caches
         num_blocks = kv_caches[0][0].shape[0]  # no sequence holds more blocks than the cache has
         # the fixed inputs; every step writes its values into them
-        self.hidden = torch.empty(batch, model.config.hidden_size)  # [batch, hidden_size] embeddings
+        weight = model.embed_tokens.weight
+        self.hidden = torch.empty(batch, model.config.hidden_size, dtype=weight.dtype)  # [batch, hidden_size] embeddings
         self.positions = torch.zeros(batch, dtype=torch.int64)
         self.meta = AttentionMetadata(
             query_start_loc=torch.arange(batch + 1, dtype=torch.int32),
@@ -80,6 +86,9 @@ class DecodeGraph:
         """Run the step over the fixed inputs, recording its C calls. On NotRecordable the step
         stopped part way: run it again eagerly (K/V stored twice are the same values)."""
         self._set_inputs(input_ids, positions, meta)
+        # once unrecorded first, so that whatever the model builds on first use (RoPE's cos/sin
+        # table, on a decode instance whose first step is a decode) exists before the recording
+        self.model.compute_logits(self.model.run_layers(self.hidden, self.positions, self.meta, self.kv_caches))
         watch = _OnlyBuffers()
         with cpu_kernels.recording() as calls, watch:
             hidden = self.model.run_layers(self.hidden, self.positions, self.meta, self.kv_caches)
