@@ -61,8 +61,8 @@ class DecodeGraph:
         self.model, self.kv_caches = model, kv_caches
         num_blocks = kv_caches[0][0].shape[0]  # no sequence holds more blocks than the cache has
         # the fixed inputs; every step writes its values into them
-        weight = model.embed_tokens.weight
-        self.hidden = torch.empty(batch, model.config.hidden_size, dtype=weight.dtype)  # [batch, hidden_size] embeddings
+        hidden_size, dtype = model.config.hidden_size, model.embed_tokens.weight.dtype
+        self.hidden = torch.empty(batch, hidden_size, dtype=dtype)  # [batch, hidden_size] embeddings
         self.positions = torch.zeros(batch, dtype=torch.int64)
         self.meta = AttentionMetadata(
             query_start_loc=torch.arange(batch + 1, dtype=torch.int32),
@@ -88,13 +88,16 @@ class DecodeGraph:
         self._set_inputs(input_ids, positions, meta)
         # once unrecorded first, so that whatever the model builds on first use (RoPE's cos/sin
         # table, on a decode instance whose first step is a decode) exists before the recording
-        self.model.compute_logits(self.model.run_layers(self.hidden, self.positions, self.meta, self.kv_caches))
+        self._forward()
         watch = _OnlyBuffers()
         with cpu_kernels.recording() as calls, watch:
-            hidden = self.model.run_layers(self.hidden, self.positions, self.meta, self.kv_caches)
-            logits = self.model.compute_logits(hidden)
+            logits = self._forward()
         self.calls, self.buffers, self.logits = calls, watch.buffers, logits
         return logits
+
+    def _forward(self) -> torch.Tensor:
+        hidden = self.model.run_layers(self.hidden, self.positions, self.meta, self.kv_caches)
+        return self.model.compute_logits(hidden)
 
     def replay(self, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
         self._set_inputs(input_ids, positions, meta)
