@@ -31,9 +31,9 @@ class ModelRunner:
         self.device = device
         self.generator = torch.Generator().manual_seed(seed)  # for requests without their own seed
         self.pool = None  # a KVPool whose pending loads run inside the forward pass, layer by layer
-        # batch size -> its DecodeGraph, or None where recording failed; None: no graphs (GPU, a
-        # cache in bf16/fp16 or no C kernels, enforce_eager)
-        self.graphs = {} if decode_graphs and device.type == "cpu" and cpu_kernels.usable(kv_caches[0][0]) else None
+        # batch size -> its DecodeGraph, or None where recording failed; None: no graphs (the C
+        # kernels cannot take this cache: GPU, bf16/fp16, no compiler; or enforce_eager)
+        self.graphs = {} if decode_graphs and cpu_kernels.usable(kv_caches[0][0]) else None
 
     def prepare(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """Flat inputs for each sequence's scheduled tokens (num_computed .. + num_scheduled)."""
