@@ -1,4 +1,4 @@
-"""Overload: baseline vs early vs prediction-based early rejection (DESIGN.md 4.7).
+"""Overload: baseline vs early vs prediction-based early rejection (docs/design.md, Admission control).
 
 Replays one trace through the simulator (kvcache scheduler, global pool, paper-70b profile)
 under each admission policy on the same cluster, prints a table, draws the load over time of
@@ -31,7 +31,7 @@ def fmt(value) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--trace", required=True)
+    p.add_argument("--trace", required=True, help="conversation, synthetic (shipped) or a trace file")
     p.add_argument("--prefill", type=int, default=8)
     p.add_argument("--decode", type=int, default=8)
     p.add_argument("--speed", type=float, default=2.0)

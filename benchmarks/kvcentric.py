@@ -34,6 +34,7 @@ from minicake.sched.cost_model import load_profile
 from minicake.sched.simulator import SimConfig, Simulator
 from minicake.sched.trace import TRACE_BLOCK_SIZE, TraceEntry, parse_line
 from minicake.serve.cluster import DEFAULT_PROFILE, Cluster
+from minicake.traces import open_trace
 
 SIMS = ("sim", "sim_alone")  # simulated with the instances sharing the cores, and as if each had its own
 STATS_SETTLE_S = 0.5
@@ -43,7 +44,7 @@ PER_REQUEST = ("ttft_s", "tbt_s", "gaps_s")  # kept in --dump only
 def conversation_slice(path: str, num_requests: int, max_input: int, scan: int = 30000) -> list[tuple[int, int, list[int]]]:
     """(input tokens, output tokens, hash ids) of the turns of the first conversations with >= 3 turns."""
     turns = defaultdict(list)
-    with open(path) as f:
+    with open_trace(path) as f:
         for lineno, line in zip(range(scan), f):
             ts, n_in, n_out, ids = parse_line(line, f"{path}:{lineno + 1}")
             if len(ids) > 1:
@@ -144,7 +145,7 @@ def fetched_blocks(cluster: Cluster) -> int:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--trace", default="/work/shared/traces/conversation_trace.jsonl")
+    p.add_argument("--trace", default="conversation", help="conversation, synthetic (shipped) or a trace file")
     p.add_argument("--prefill", type=int, default=2)
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--rate", type=float, default=1.0, help="arrivals per second")

@@ -1,4 +1,4 @@
-"""Prefix hit rate of one global KV pool against its capacity, LRU vs LFU (DESIGN.md 4.2).
+"""Prefix hit rate of one global KV pool against its capacity, LRU vs LFU (docs/design.md, KV pool).
 
 Replays a Mooncake trace's requests in arrival order through one KVPoolModel: each request
 reuses the leading blocks the pool holds, then stores all its blocks. No timing is involved:
@@ -36,7 +36,8 @@ def hit_rate(trace, capacity_blocks: int | None, policy: str) -> tuple[float, fl
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--trace", action="append", required=True, help="trace file; repeat for several")
+    p.add_argument("--trace", action="append", required=True,
+                   help="conversation, synthetic (shipped) or a trace file; repeat for several")
     args = p.parse_args()
     try:
         traces = {path: load_trace(path) for path in args.trace}

@@ -1,10 +1,10 @@
-"""Colocated vs disaggregated serving, same requests, same run (DESIGN.md 1 and 5).
+"""Colocated vs disaggregated serving, same requests, same run (docs/design.md, Processes and Metrics).
 
 Starts `python -m minicake.serve` once per mode (one after the other, so they do not share
 the CPU), replays the same requests against each with `minicake.bench`, and prints one table
 with a column per mode and one JSON line.
 
-    python benchmarks/serving.py --trace ../shared/traces/conversation_trace.jsonl \
+    python benchmarks/serving.py --trace conversation \
         --num-requests 40 --scale 0.03 --rate 0.5 --ttft-slo 5 --tbt-slo 0.5
 """
 import argparse

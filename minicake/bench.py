@@ -19,6 +19,7 @@ from rich.table import Table
 
 from minicake.sched.trace import TRACE_BLOCK_SIZE, parse_line
 from minicake.serve.metrics import paper_tbt
+from minicake.traces import open_trace
 
 REQUEST_TIMEOUT_S = 600.0
 
@@ -48,7 +49,7 @@ def trace_requests(path: str, num_requests: int, scale: float, vocab_size: int, 
     block_len = max(1, round(TRACE_BLOCK_SIZE * scale))
     blocks: dict[int, list[int]] = {}
     requests = []
-    with open(path) as f:
+    with open_trace(path) as f:
         for lineno, line in enumerate(f, 1):
             if len(requests) == num_requests:
                 break
@@ -211,7 +212,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m minicake.bench", description=__doc__)
     p.add_argument("--base-url", default="http://127.0.0.1:8000")
     p.add_argument("--model", help="model name to send (default: the server's first model)")
-    p.add_argument("--trace", help="Mooncake trace (.jsonl) to replay; default: random workload")
+    p.add_argument("--trace", help="Mooncake trace to replay: conversation, synthetic (shipped) "
+                   "or a .jsonl[.gz] file; default: random workload")
     p.add_argument("--num-requests", type=int, default=32)
     p.add_argument("--scale", type=float, default=1 / 32,
                    help="trace lengths (prompt, output, hash block) are multiplied by this")

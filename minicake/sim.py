@@ -31,7 +31,8 @@ def pool_tokens(text: str) -> int | None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m minicake.sim", description=__doc__.splitlines()[0])
-    p.add_argument("--trace", required=True, help="Mooncake trace, JSON lines")
+    p.add_argument("--trace", required=True,
+                   help="Mooncake trace: conversation, synthetic (shipped) or a .jsonl[.gz] file")
     p.add_argument("--prefill", type=int, default=8, help="prefill instances")
     p.add_argument("--decode", type=int, default=8, help="decode instances")
     p.add_argument("--scheduler", choices=SCHEDULERS, default="kvcache")

@@ -166,6 +166,18 @@ def test_cli_ends_with_one_json_line(capsys, tmp_path):
     assert last["requests"] == 50 and plot.stat().st_size > 0
 
 
+def test_a_shipped_trace_is_named_by_its_name_and_read_from_its_gzip():
+    """tests/data's slice is the first 200 lines of the shipped conversation trace."""
+    shipped, slice_ = load_trace("conversation", limit=200), load_trace(SLICE)
+    assert [(e.arrival_s, e.request) for e in shipped] == [(e.arrival_s, e.request) for e in slice_]
+    assert len(load_trace("synthetic")) == 3993
+
+
+def test_cli_replays_a_shipped_trace_by_name(capsys):
+    assert main(["--trace", "synthetic", "--limit", "20", "--prefill", "2", "--decode", "2"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["requests"] == 20
+
+
 def test_cli_names_a_missing_trace_and_exits_2(capsys, tmp_path):
     assert main(["--trace", str(tmp_path / "missing.jsonl")]) == 2
     assert "missing.jsonl" in capsys.readouterr().err

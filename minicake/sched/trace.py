@@ -11,6 +11,7 @@ from pathlib import Path
 
 from minicake.cache.block_keys import block_keys
 from minicake.sched.conductor import Request
+from minicake.traces import open_trace, trace_path
 
 TRACE_BLOCK_SIZE = 512
 
@@ -51,14 +52,13 @@ def parse_line(line: str, where: str) -> tuple[float, int, int, list[int]]:
 
 def load_trace(path: str | Path, limit: int | None = None, speed: float = 1.0,
                max_output: int | None = None) -> list[TraceEntry]:
-    """Requests of a trace in arrival order, replayed `speed` times faster, outputs capped at
-    `max_output`. Raises ValueError naming the file and line of anything malformed."""
+    """Requests of a trace (a path, or a shipped trace's name: minicake/traces) in arrival
+    order, replayed `speed` times faster, outputs capped at `max_output`. Raises ValueError
+    naming the file and line of anything malformed."""
     assert speed > 0, f"speed must be > 0, got {speed}"
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"trace {path}: no such file")
+    path = trace_path(path)
     entries, last_ts = [], 0.0
-    with path.open() as f:
+    with open_trace(path) as f:
         for lineno, line in enumerate(f, 1):
             if limit is not None and len(entries) >= limit:
                 break
