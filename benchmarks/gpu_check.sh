@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU half of the kernel checks, for a machine with a CUDA GPU: the kernel tests with the kernels
-# compiled for the GPU (TRITON_INTERPRET=0, tensors on cuda), then benchmarks/kernels.py. Prints
+# compiled for the GPU (TRITON_INTERPRET=0, tensors on cuda), then benchmarks/kernel_bench.py. Prints
 # everything; exits non-zero if either part failed. Needs torch (CUDA build), triton, pytest, rich.
 #   bash benchmarks/gpu_check.sh 2>&1 | tee gpu_check.log
 set -uo pipefail
@@ -13,6 +13,6 @@ status=0
 echo "== kernel tests on the GPU =="
 timeout 300 $PY -m pytest -q -p no:cacheprovider --durations=5 \
     tests/test_kernel_paged_attention.py tests/test_kernel_store_kv.py tests/test_benchmark_kernels.py || status=1
-echo "== benchmarks/kernels.py =="
-timeout 300 $PY benchmarks/kernels.py || status=1
+echo "== benchmarks/kernel_bench.py =="
+timeout 300 $PY benchmarks/kernel_bench.py || status=1
 exit $status

@@ -1,4 +1,4 @@
-"""benchmarks/kernels.py compares the kernel with SDPA on the same data, and runs on CPU-only machines."""
+"""benchmarks/kernel_bench.py compares the kernel with SDPA on the same data, and runs on CPU-only machines."""
 import importlib.util
 import subprocess
 import sys
@@ -10,7 +10,7 @@ import torch
 from minicake.kernels.paged_attention import paged_attention
 from minicake.kernels.reference import paged_attention_ref
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_bench.py"
 spec = importlib.util.spec_from_file_location("bench_kernels", SCRIPT)
 bench = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench)

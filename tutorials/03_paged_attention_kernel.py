@@ -171,7 +171,7 @@ assert torch.allclose(split, out, atol=1e-4)
 # On a CPU this only times the interpreter (numpy emulating every program), which says
 # nothing about the kernel's speed; the reference (with the C decode kernel) is the CPU's
 # real path. The number that matters, the share of the GPU's memory bandwidth that decode
-# achieves at long context, is measured by `benchmarks/kernels.py` on a CUDA machine; the
+# achieves at long context, is measured by `benchmarks/kernel_bench.py` on a CUDA machine; the
 # cell below runs a small version of it only there.
 
 # %%
@@ -200,7 +200,7 @@ if device == "cuda":
     print(f"decode, batch {batch}, context {context}: {t * 1e6:.0f} us, "
           f"{2 * kc.numel() * kc.element_size() / t / 1e9:.0f} GB/s of K/V read")
 else:
-    print("GPU measurement skipped: no CUDA device (run benchmarks/kernels.py on a GPU)")
+    print("GPU measurement skipped: no CUDA device (run benchmarks/kernel_bench.py on a GPU)")
 
 # %% [markdown]
 # ## What to read next
@@ -209,6 +209,6 @@ else:
 #   above; `_online_softmax_step` is the torch loop of the first cell in Triton.
 # - `tests/test_kernel_paged_attention.py`: the shapes that break kernels (GQA 1/3/4, block
 #   boundaries, one-token sequences, bf16).
-# - `benchmarks/kernels.py` and `benchmarks/kernel_registers.py`: speed on a GPU, and how the
+# - `benchmarks/kernel_bench.py` and `benchmarks/kernel_registers.py`: speed on a GPU, and how the
 #   tile sizes were chosen without one.
 # - Chapter 4 (`04_continuous_batching.py`): who decides which tokens go into each call.

@@ -4,7 +4,7 @@ The peer is torch SDPA (scaled_dot_product_attention, enable_gqa) on the same K/
 contiguously; the bound is the device's peak memory bandwidth. Shapes are Llama-3-8B's attention
 (32 query heads, 8 KV heads, head_dim 128) in bf16, block_size 16, blocks in random order.
 
-    python benchmarks/kernels.py [--peak-gbps GBPS]
+    python benchmarks/kernel_bench.py [--peak-gbps GBPS]
 
 Without CUDA it says so and exits 0. Prints a table, then one JSON line.
 """
@@ -113,7 +113,7 @@ def main():
     parser.add_argument("--peak-gbps", type=float, help="peak memory bandwidth, GB/s (default: table by device name)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        print("benchmarks/kernels.py needs a CUDA GPU (the Triton kernels run natively there); skipped.")
+        print("benchmarks/kernel_bench.py needs a CUDA GPU (the Triton kernels run natively there); skipped.")
         return
     from rich.console import Console
     from rich.table import Table
