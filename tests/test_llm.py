@@ -187,3 +187,11 @@ def test_bad_engine_settings_name_the_field(tiny_checkpoint):
         tiny_llm(tiny_checkpoint, block_size=0)
     with pytest.raises(ValueError, match="max_num_seqs"):
         tiny_llm(tiny_checkpoint, max_num_seqs=-1)
+
+
+def test_the_offline_api_imports_from_the_package(tiny_checkpoint):
+    from minicake import LLM, EngineConfig, RequestOutput, SamplingParams
+    with LLM(str(tiny_checkpoint("llama")), device="cpu", block_size=4, num_kv_blocks=32, num_threads=1) as llm:
+        out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))[0]
+    assert isinstance(out, RequestOutput) and len(out.token_ids) == 4
+    assert isinstance(llm.engine.config, EngineConfig)
