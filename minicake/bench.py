@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -17,9 +18,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from minicake.sched.trace import TRACE_BLOCK_SIZE, parse_line
+from minicake.sched.trace import TRACE_BLOCK_SIZE, read_trace
 from minicake.serve.metrics import paper_tbt
-from minicake.traces import open_trace
 
 REQUEST_TIMEOUT_S = 600.0
 
@@ -49,18 +49,14 @@ def trace_requests(path: str, num_requests: int, scale: float, vocab_size: int, 
     block_len = max(1, round(TRACE_BLOCK_SIZE * scale))
     blocks: dict[int, list[int]] = {}
     requests = []
-    with open_trace(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if len(requests) == num_requests:
-                break
-            ts_ms, n_in, n_out, hash_ids = parse_line(line, f"{path}:{lineno}")
-            for h in hash_ids:
-                if h not in blocks:
-                    rng = np.random.default_rng([seed, h])
-                    blocks[h] = rng.integers(0, vocab_size, block_len).tolist()
-            tokens = [t for h in hash_ids for t in blocks[h]]
-            prompt = tokens[:max(1, round(n_in * scale))]
-            requests.append(BenchRequest(prompt, max(1, round(n_out * scale)), ts_ms / 1000 / speed))
+    for ts_ms, n_in, n_out, hash_ids in read_trace(path, num_requests):
+        for h in hash_ids:
+            if h not in blocks:
+                rng = np.random.default_rng([seed, h])
+                blocks[h] = rng.integers(0, vocab_size, block_len).tolist()
+        tokens = [t for h in hash_ids for t in blocks[h]]
+        prompt = tokens[:max(1, round(n_in * scale))]
+        requests.append(BenchRequest(prompt, max(1, round(n_out * scale)), ts_ms / 1000 / speed))
     return requests
 
 
@@ -228,21 +224,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tbt-slo", type=float, help="seconds, on the paper's TBT")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    for name in ("num_requests", "scale", "speed", "rate", "input_len", "output_len", "vocab_size"):
+    for name in ("num_requests", "scale", "speed", "rate", "input_len", "output_len", "vocab_size",
+                 "ttft_slo", "tbt_slo"):
         if getattr(args, name) is not None and not getattr(args, name) > 0:
             p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    for name in ("scale", "speed", "ttft_slo", "tbt_slo"):  # --rate inf means all at once
+        if getattr(args, name) is not None and not math.isfinite(getattr(args, name)):
+            p.error(f"--{name.replace('_', '-')} must be a finite number, got {getattr(args, name)}")
     return args
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    requests, what = workload(args)
+    try:
+        requests, what = workload(args)
+    except ValueError as e:  # a bad trace: its file and line
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     console = Console()
     console.print(f"workload: {what}")
     results, duration = asyncio.run(run(args.base_url, args.model, requests))
     summary = summarize(results, duration, args.ttft_slo, args.tbt_slo)
     print_report({args.base_url: summary}, console)
-    print(json.dumps({"workload": what, **summary}), flush=True)
+    print(json.dumps({"workload": what, **summary}, allow_nan=False), flush=True)
     return summary
 
 

@@ -6,6 +6,7 @@ load over time with the rejections. Bad input exits with code 2 and says what wa
 """
 import argparse
 import json
+import math
 import sys
 import time
 
@@ -55,9 +56,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("prefill", "decode", "limit", "max_output"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("threshold", "speed", "ttft_slo", "tbt_slo"):
+        if not math.isfinite(getattr(args, name)):
+            p.error(f"--{name.replace('_', '-')} must be a finite number, got {getattr(args, name)}")
     if args.speed <= 0:
         p.error(f"--speed must be > 0, got {args.speed}")
     return args
+
+
+def finite_or_null(value):
+    """JSON has no NaN or Infinity: a non-finite float (a mean over no requests) becomes null."""
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def print_table(console: Console, summary: dict) -> None:
@@ -81,10 +92,10 @@ def main(argv=None) -> int:
         conductor_config = ConductorConfig(args.scheduler, args.admission, args.ttft_slo, args.tbt_slo,
                                            block_size=TRACE_BLOCK_SIZE, can_fetch=args.pool == "global",
                                            kvcache_balancing_threshold=args.threshold, seed=args.seed)
+        sim = Simulator(sim_config, conductor_config, cost, trace)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    sim = Simulator(sim_config, conductor_config, cost, trace)
     start = time.perf_counter()
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("simulating", total=len(trace))
@@ -96,7 +107,7 @@ def main(argv=None) -> int:
         plot_load([(f"{args.trace.split('/')[-1]}: {args.prefill}P+{args.decode}D, {args.scheduler}, "
                     f"admission {args.admission}, {args.speed}x", result)], args.plot)
     config = {k: v for k, v in vars(args).items() if k != "plot"}
-    print(json.dumps(config | summary))
+    print(json.dumps(finite_or_null(config | summary), allow_nan=False))
     return 0
 
 

@@ -1,6 +1,8 @@
 """`python -m minicake.bench`: how a Mooncake trace becomes token prompts, how arrivals and
 goodput are computed, and a short run against a real server."""
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -38,6 +40,25 @@ def test_the_same_seed_gives_the_same_prompts(trace_file):
     first = trace_requests(str(trace_file), 3, 1 / 64, 512, seed=1)
     assert [r.prompt for r in first] == [r.prompt for r in trace_requests(str(trace_file), 3, 1 / 64, 512, seed=1)]
     assert [r.prompt for r in first] != [r.prompt for r in trace_requests(str(trace_file), 3, 1 / 64, 512, seed=2)]
+
+
+@pytest.mark.parametrize("timestamp", ["NaN", "Infinity", "-1", "100"])
+def test_a_non_finite_negative_or_backwards_timestamp_is_refused_by_file_and_line(tmp_path, timestamp):
+    path = tmp_path / "bad.jsonl"
+    lines = [json.dumps(r) for r in TRACE[:2]] + [json.dumps(TRACE[2]).replace("1500", timestamp)]
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:3: "):
+        trace_requests(str(path), 3, scale=1 / 8, vocab_size=512, seed=0)
+
+
+def test_cli_refuses_an_infinite_timestamp_in_one_line_with_exit_code_2(tmp_path):
+    """The trace is read before any request is sent: no server is needed to refuse it."""
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(TRACE[0]).replace(": 0,", ": Infinity,") + "\n")
+    done = subprocess.run([sys.executable, "-m", "minicake.bench", "--trace", str(path),
+                           "--base-url", "http://127.0.0.1:9"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip().splitlines() == [f"error: {path}:1: not a trace line (Infinity is not a finite number)"]
 
 
 def test_poisson_arrivals_start_at_zero_and_average_the_rate():

@@ -1,6 +1,8 @@
 """The KV pool model, the simulator and `python -m minicake.sim` on hand-built requests and on
 the first 200 requests of the public conversation trace (tests/data)."""
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -189,6 +191,44 @@ def test_cli_names_the_malformed_line_and_exits_2(capsys, tmp_path):
     bad.write_text("\n".join(lines[:2] + ['{"timestamp": 5, "input_length": 700}']) + "\n")
     assert main(["--trace", str(bad)]) == 2
     assert "bad.jsonl:3" in capsys.readouterr().err
+
+
+def trace_whose_third_timestamp_is(tmp_path, timestamp: str) -> Path:
+    """Three requests at 0 ms, 10 ms and `timestamp`, written as raw JSON text."""
+    path = tmp_path / "bad.jsonl"
+    path.write_text("".join(f'{{"timestamp": {ts}, "input_length": 100, "output_length": 4, "hash_ids": [{i}]}}\n'
+                            for i, ts in enumerate(["0", "10", timestamp])))
+    return path
+
+
+@pytest.mark.parametrize("timestamp", ["NaN", "Infinity", "-Infinity", "1e400", "-5", "5"])
+def test_a_non_finite_negative_or_backwards_timestamp_is_refused_by_file_and_line(tmp_path, timestamp):
+    with pytest.raises(ValueError, match=r"bad\.jsonl:3: "):
+        load_trace(trace_whose_third_timestamp_is(tmp_path, timestamp))
+
+
+def test_cli_refuses_a_nan_timestamp_in_one_line_with_exit_code_2(tmp_path):
+    """Python's json reads NaN; before, the simulator looped forever on it."""
+    trace = trace_whose_third_timestamp_is(tmp_path, "NaN")
+    done = subprocess.run([sys.executable, "-m", "minicake.sim", "--trace", str(trace)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip().splitlines() == [f"error: {trace}:3: not a trace line (NaN is not a finite number)"]
+
+
+def test_the_simulator_refuses_arrivals_it_could_never_reach():
+    for arrivals in ([0.0, float("nan")], [0.0, float("inf")], [1.0, 0.5], []):
+        with pytest.raises(ValueError, match="arrivals finite, >= 0 and in order"):
+            simulate([entry(i, t, [i]) for i, t in enumerate(arrivals)])
+
+
+def test_cli_json_line_has_null_where_no_request_finished(capsys, tmp_path):
+    """A mean over no requests is NaN in Python, which JSON cannot say: it prints null."""
+    trace = tmp_path / "huge.jsonl"
+    trace.write_text('{"timestamp": 0, "input_length": 100, "output_length": 1000000000, "hash_ids": [0]}\n')
+    assert main(["--trace", str(trace), "--prefill", "1", "--decode", "1"]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1], parse_constant=pytest.fail)
+    assert last["finished"] == 0 and last["avg_ttft_s"] is None and last["p99_ttft_s"] is None
 
 
 def test_cli_names_a_bad_slo_and_exits_2(capsys):

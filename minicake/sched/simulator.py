@@ -89,6 +89,10 @@ class Simulator:
     def __init__(self, config: SimConfig, conductor_config: ConductorConfig, cost: CostModel,
                  trace: list[TraceEntry]):
         assert conductor_config.can_fetch == (config.pool == "global"), "only a global pool lets instances fetch"
+        arrivals = [e.arrival_s for e in trace]
+        if not arrivals or not all(0 <= a < math.inf for a in arrivals) or arrivals != sorted(arrivals):
+            # NaN or infinite arrivals would keep the event loop going forever
+            raise ValueError("a simulated trace needs >= 1 request, arrivals finite, >= 0 and in order")
         self.config, self.cost, self.trace = config, cost, trace
         self.requests = [e.request for e in trace]
         self.pools = [KVPoolModel(config.pool_tokens, conductor_config.block_size, config.eviction)
