@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from minicake.kernels.cpu_kernels import huge_page_empty
+from minicake.platforms.cpu.kernels import huge_page_empty
 
 
 def load_average() -> float:

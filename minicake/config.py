@@ -30,8 +30,8 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     enable_prefix_caching: bool = True
     kv_pool_blocks: int = 0  # host-memory KV pool (cache/kv_pool.py) for evicted prefix blocks; 0: none
-    attention_backend: str = "auto"
-    enforce_eager: bool = False  # True: no decode graphs (model/decode_graph.py), every step runs eagerly
+    kernels: str = "auto"  # the platform (minicake/platforms): "auto", "torch" (the model's own ops), "triton"
+    enforce_eager: bool = False  # True: no decode graphs (platforms/cpu/decode_graph.py), every step runs eagerly
     num_threads: int | None = None  # torch CPU threads; None: all cores
     seed: int = 0
     # disaggregation (minicake/serve): a KV transfer silent this long is aborted; layer-wise
@@ -53,9 +53,8 @@ class EngineConfig:
                              f"got {self.kv_transfer_timeout!r}")
         if not 0 < self.kv_cache_fraction <= 1:
             raise ValueError(f"EngineConfig.kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction!r}")
-        if self.attention_backend not in ("auto", "torch", "triton"):
-            raise ValueError("EngineConfig.attention_backend must be 'auto', 'torch' or 'triton', "
-                             f"got {self.attention_backend!r}")
+        if self.kernels not in ("auto", "torch", "triton"):
+            raise ValueError(f"EngineConfig.kernels must be 'auto', 'torch' or 'triton', got {self.kernels!r}")
         if self.device is not None and not isinstance(self.device, str):
             raise ValueError(f"EngineConfig.device must be a string like 'cpu' or 'cuda:0', got {self.device!r}")
         if self.dtype not in (None, "float32", "bfloat16", "float16"):

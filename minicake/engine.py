@@ -5,7 +5,6 @@ sampled tokens, keys the newly full blocks for prefix caching, detokenizes incre
 checks the stop conditions and releases finished sequences' blocks. Requests are refused
 before any work starts if they can never run (empty, too long, larger than the cache).
 """
-import ctypes
 import os
 import weakref
 from dataclasses import dataclass
@@ -16,41 +15,19 @@ from minicake.cache.block_manager import BlockManager
 from minicake.cache.kv_cache import allocate_kv_caches, bytes_per_block, free_memory, num_blocks_for
 from minicake.cache.kv_pool import KVPool
 from minicake.config import EngineConfig
-from minicake.model.attention import set_attention_backend
 from minicake.model.config import ModelConfig
 from minicake.model.loader import load_model, resolve_model
 from minicake.model.runner import ModelRunner
 from minicake.model.tokenizer import IncrementalDetokenizer, Tokenizer
+from minicake.platforms import apply_platform
+from minicake.platforms.cpu import kernels as cpu_kernels
+from minicake.platforms.cpu.decode_graph import DecodeGraphs
 from minicake.sampling import SamplingParams
 from minicake.request_state import RequestState
 from minicake.sched.scheduler import Scheduler
 from minicake.sched.sequence import Sequence
 
 LIVE_ENGINES: "weakref.WeakSet[Engine]" = weakref.WeakSet()  # the tests' leak check walks these
-
-
-def _glibc():
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
-def keep_freed_memory_in_heap() -> None:
-    """Every decode step gathers K/V into temporaries of megabytes. glibc hands such buffers
-    back to the OS when freed, so the next step page-faults them in again, which made those
-    copies about 4x slower here; keep freed memory in the heap instead (glibc only)."""
-    if libc := _glibc():
-        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: serve big buffers from the heap
-        libc.mallopt(-1, (1 << 31) - 1)  # M_TRIM_THRESHOLD: never shrink the heap
-
-
-def give_back_freed_memory() -> None:
-    """Once, after loading: the heap's free memory goes back to the OS (glibc only). On the CPU
-    that is the unpacked weights that packing replaced (300 MB of resident memory for the
-    bundled model), which the heap would otherwise keep."""
-    if libc := _glibc():
-        libc.malloc_trim(0)
 
 
 @dataclass
@@ -75,6 +52,9 @@ def check_request(request_id: str, prompt: list[int], params: SamplingParams, vo
         raise ValueError(f"request {request_id!r}: the prompt is empty")
     if not all(isinstance(t, int) and 0 <= t < vocab_size for t in prompt):
         raise ValueError(f"request {request_id!r}: prompt token ids must be integers in [0, {vocab_size})")
+    if params.top_k > vocab_size:  # SamplingParams cannot know the vocabulary
+        raise ValueError(f"request {request_id!r}: top_k={params.top_k} is more than the "
+                         f"vocabulary size {vocab_size}")
     n = len(prompt)
     if n >= max_model_len:
         raise ValueError(f"request {request_id!r}: the prompt has {n} tokens but max_model_len is "
@@ -91,8 +71,6 @@ class Engine:
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cpu":
             torch.set_num_threads(config.num_threads or os.cpu_count())
-            keep_freed_memory_in_heap()
-        set_attention_backend(config.attention_backend)
         self.model_dir = path = resolve_model(config.model)
         self.model_config = ModelConfig.from_dir(path)
         if (config.max_model_len or 0) > self.model_config.max_position_embeddings:  # RoPE has no angles past it
@@ -101,8 +79,7 @@ class Engine:
         self.tokenizer = Tokenizer.from_dir(path)
         dtype = getattr(torch, config.dtype) if config.dtype else None
         self.model = load_model(path, self.device, dtype)
-        if self.device.type == "cpu":
-            give_back_freed_memory()
+        self.platform = apply_platform(self.model, self.device, config.kernels)
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         self.eos_token_ids = set(self.model_config.eos_token_ids)
         self.kv_caches = self._allocate_kv_caches(next(self.model.parameters()).dtype)
@@ -110,7 +87,7 @@ class Engine:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.kv_caches, config.block_size, self.device, config.seed,
-                                  decode_graphs=not config.enforce_eager)
+                                  decode_graphs=self._decode_graphs())
         if config.kv_pool_blocks and config.enable_prefix_caching:
             self.block_manager.pool = self.runner.pool = KVPool(config.kv_pool_blocks, self.kv_caches)
         self.requests: dict[str, RequestState] = {}
@@ -127,6 +104,12 @@ class Engine:
             num_blocks = num_blocks_for(budget, block_bytes)
         return allocate_kv_caches(mc.num_hidden_layers, num_blocks, cfg.block_size,
                                   mc.num_key_value_heads, mc.head_dim, dtype, self.device)
+
+    def _decode_graphs(self):
+        """The CPU platform's decode graphs, where its C kernels take the KV cache (float32)."""
+        if self.platform != "cpu" or self.config.enforce_eager or not cpu_kernels.usable(self.kv_caches[0][0]):
+            return None
+        return DecodeGraphs(self.model, self.kv_caches)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Queue a request; raises ValueError, having changed nothing, if it can never run."""

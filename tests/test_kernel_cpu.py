@@ -1,23 +1,27 @@
-"""The C kernels of the CPU path equal torch: decode attention equals the torch reference and
-reads only the slots a sequence owns (every other slot holds NaN); the packed matmul equals
-F.linear for every leftover of its 12-row tiles and 32-column panels; the fused RMSNorm, the
-in-place RoPE, the KV store and silu_and_mul equal their formulas or the torch reference.
-Where no C compiler is found, one warning and torch does the work.
+"""The CPU platform (minicake/platforms/cpu) equals the plain torch it replaces: the C decode
+attention and the CPU-shaped torch attention equal the reference and read only the slots a
+sequence owns (every other slot holds NaN); the packed matmul equals F.linear for every
+leftover of its 12-row tiles and 32-column panels; the fused RMSNorm, the in-place RoPE, the KV
+store and silu_and_mul equal their formulas or the reference. Where no C compiler is found, one
+warning and torch does the work.
 """
 import pytest
 import torch
 
-from minicake.kernels import cpu_kernels
+from minicake.kernels.reference import paged_attention_ref
 from minicake.model.loader import load_model
-from minicake.kernels.reference import decode_attention_ref, paged_attention_ref
-from test_kernel_paged_attention import FP32_TOL, make_batch
+from minicake.platforms import apply_platform
+from minicake.platforms.cpu import attention as cpu_attention
+from minicake.platforms.cpu import kernels as cpu_kernels
+from minicake.platforms.cpu.modules import CpuPagedAttention, PackedLinear
+from test_kernel_paged_attention import FP32_TOL, LONG_CHUNKS, MIXED, PagedAttention, make_batch, run_model_attention
 
 needs_kernel = pytest.mark.skipif(cpu_kernels.library() is None, reason="no C compiler here")
 
 
 def decode_args(batch):
-    q, k_cache, v_cache, block_tables, seq_lens, _ = batch.args
-    return q, k_cache, v_cache, block_tables, seq_lens, q.shape[-1] ** -0.5
+    q, k_cache, v_cache, block_tables, context_lens, _ = batch.args
+    return q, k_cache, v_cache, block_tables, context_lens, q.shape[-1] ** -0.5
 
 
 @needs_kernel
@@ -29,7 +33,7 @@ def test_kernel_equals_reference(group, num_kv_heads, head_dim, block_size):
     batch = make_batch(seqs, group=group, num_kv_heads=num_kv_heads, head_dim=head_dim, block_size=block_size)
     out = cpu_kernels.decode_attention(*decode_args(batch))
     assert not out.isnan().any(), "read a slot outside the sequence's blocks"
-    torch.testing.assert_close(out, decode_attention_ref(*decode_args(batch)), **FP32_TOL)
+    torch.testing.assert_close(out, paged_attention_ref(*batch.args), **FP32_TOL)
 
 
 @needs_kernel
@@ -39,14 +43,24 @@ def test_kernel_reads_q_as_a_view_of_the_fused_qkv_output():
     fused = torch.randn(q.shape[0], q.shape[1] + 6, q.shape[2])  # per token: the q heads, then 3 k and 3 v
     fused[:, :q.shape[1]] = q
     out = cpu_kernels.decode_attention(fused[:, :q.shape[1]], *rest)
-    torch.testing.assert_close(out, decode_attention_ref(q, *rest), **FP32_TOL)
-
-
-@needs_kernel
-def test_mixed_batch_routes_decodes_to_the_kernel():
-    batch = make_batch([(37, 1), (0, 20), (32, 9), (31, 1), (0, 1)])
-    out = paged_attention_ref(*batch.args, decode_attention=cpu_kernels.decode_attention)
     torch.testing.assert_close(out, paged_attention_ref(*batch.args), **FP32_TOL)
+
+
+@pytest.mark.parametrize("with_c", [False, pytest.param(True, marks=needs_kernel)], ids=["torch", "c_decodes"])
+@pytest.mark.parametrize("group", [1, 3])
+@pytest.mark.parametrize("seqs", [MIXED, LONG_CHUNKS, [(40, 1), (15, 1), (63, 1)] * 4],
+                         ids=["mixed", "long_chunks", "decode_groups"])
+def test_the_cpu_attention_equals_the_reference(seqs, group, with_c):
+    # long_chunks: prefills spanning several causal query tiles; decode_groups: more than one group of 8
+    batch = make_batch(seqs, group=group)
+    out = cpu_attention.paged_attention(*batch.args, scale=batch.args[0].shape[-1] ** -0.5,
+                                        decode_attention=cpu_kernels.decode_attention if with_c else None)
+    torch.testing.assert_close(out, paged_attention_ref(*batch.args), **FP32_TOL)
+
+
+def test_the_cpu_twin_of_the_models_attention_equals_its_torch_ops():
+    torch.testing.assert_close(run_model_attention(CpuPagedAttention(scale=0.125)),
+                               run_model_attention(PagedAttention(scale=0.125)), **FP32_TOL)
 
 
 def test_no_compiler_warns_once_and_torch_does_the_work(monkeypatch, tmp_path, caplog, tiny_checkpoint):
@@ -58,6 +72,7 @@ def test_no_compiler_warns_once_and_torch_does_the_work(monkeypatch, tmp_path, c
     caplog.clear()
     assert cpu_kernels.library() is None and not caplog.text, "one warning, not one per call"
     model = load_model(tiny_checkpoint("llama"), device="cpu")
+    apply_platform(model, torch.device("cpu"), "auto")
     assert model.layers[0].mlp.gate_up_proj.weight.dim() == 2, "left unpacked: torch's matmul reads it"
 
 
@@ -67,11 +82,12 @@ def test_no_compiler_warns_once_and_torch_does_the_work(monkeypatch, tmp_path, c
 @pytest.mark.parametrize("bias", [False, True])
 def test_packed_linear_equals_torch(rows, in_features, out_features, bias):
     gen = torch.Generator().manual_seed(rows)
-    layer = cpu_kernels.Linear(in_features, out_features, bias=bias)
+    layer = torch.nn.Linear(in_features, out_features, bias=bias)
     x = torch.randn(rows, in_features, generator=gen)
     with torch.inference_mode():
-        expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
+        expected = layer(x)
         layer.weight = torch.nn.Parameter(cpu_kernels.pack_weight(layer.weight), requires_grad=False)
+        layer.__class__ = PackedLinear
         assert layer.weight.shape == (-(-out_features // 32), in_features, 32)
         torch.testing.assert_close(layer(x), expected, **FP32_TOL)
 
@@ -93,9 +109,11 @@ def test_the_avx2_tiles_equal_torch(monkeypatch, tmp_path):
 
 
 @needs_kernel
-def test_loading_packs_every_linear_weight_and_the_tied_head(tiny_checkpoint):
+def test_the_cpu_platform_packs_every_linear_weight_and_the_tied_head(tiny_checkpoint):
     model = load_model(tiny_checkpoint("llama"), device="cpu")  # tied embedding
-    assert all(m.weight.dim() == 3 for m in model.modules() if isinstance(m, cpu_kernels.Linear))
+    apply_platform(model, torch.device("cpu"), "auto")
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert all(type(m) is PackedLinear and m.weight.dim() == 3 for m in linears) and model.lm_head in linears
     hidden = torch.randn(5, model.config.hidden_size)
     expected = torch.nn.functional.linear(hidden, model.embed_tokens.weight)
     torch.testing.assert_close(model.compute_logits(hidden), expected, **FP32_TOL)

@@ -8,7 +8,8 @@ import torch
 
 from minicake.kernels.paged_attention import default_num_splits, paged_attention
 from minicake.kernels.reference import paged_attention_ref, store_kv_ref
-from minicake.model.attention import AttentionMetadata, attention, set_attention_backend
+from minicake.model.attention import AttentionMetadata, PagedAttention
+from minicake.platforms.cuda import TritonPagedAttention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP32_TOL = dict(atol=1e-4, rtol=1e-4)
@@ -75,10 +76,12 @@ BATCHES = {
 }
 
 
+LONG_CHUNKS = [(0, 300), (40, 200), (37, 1)]  # prefills spanning several of the CPU attention's query tiles
+
+
 @pytest.mark.parametrize("group", [1, 3])
-@pytest.mark.parametrize("seqs", [MIXED, [(0, 300), (40, 200), (37, 1)]], ids=["mixed", "long_chunks"])
+@pytest.mark.parametrize("seqs", [MIXED, LONG_CHUNKS], ids=["mixed", "long_chunks"])
 def test_reference_equals_dense_causal_attention(group, seqs):
-    # long_chunks: prefills spanning several of the reference's causal query tiles (PREFILL_TILE)
     batch = make_batch(seqs, group=group)
     q, query_start_loc = batch.args[0], batch.args[5].tolist()
     out = paged_attention_ref(*batch.args)
@@ -147,28 +150,25 @@ def test_bad_inputs_are_named_in_the_error():
         paged_attention(q.double(), k_cache, v_cache, block_tables, seq_lens, query_start_loc)
 
 
-def test_model_attention_with_triton_backend_equals_torch_backend():
-    batch = make_batch(MIXED, group=3)
+def run_model_attention(attention: PagedAttention, seqs=MIXED) -> torch.Tensor:
+    """One step of the model's attention module over `seqs`: the cached prefixes are in the
+    cache (every other slot NaN), the step's new K/V are not yet: the module stores them first."""
+    batch = make_batch(seqs, group=3)
     q, k_cache, v_cache, block_tables, seq_lens, query_start_loc = batch.args
-    # the step's new K/V are not in the cache yet: attention() stores them first
-    new_k = torch.cat([k[-n:] for k, (_, n) in zip(batch.ks, MIXED)]).to(DEVICE)
-    new_v = torch.cat([v[-n:] for v, (_, n) in zip(batch.vs, MIXED)]).to(DEVICE)
+    new_k = torch.cat([k[-n:] for k, (_, n) in zip(batch.ks, seqs)]).to(DEVICE)
+    new_v = torch.cat([v[-n:] for v, (_, n) in zip(batch.vs, seqs)]).to(DEVICE)
     block_size = k_cache.shape[1]
-    pos = torch.cat([torch.arange(c, c + n) for c, n in MIXED]).to(DEVICE)
-    seq_of_token = torch.repeat_interleave(torch.arange(len(MIXED), device=DEVICE), query_start_loc.diff())
+    pos = torch.cat([torch.arange(c, c + n) for c, n in seqs]).to(DEVICE)
+    seq_of_token = torch.repeat_interleave(torch.arange(len(seqs), device=DEVICE), query_start_loc.diff())
     slot_mapping = block_tables[seq_of_token, pos // block_size].long() * block_size + pos % block_size
-    meta = AttentionMetadata(query_start_loc, seq_lens, block_tables, slot_mapping)
-    outs = {}
-    try:
-        for backend in ("torch", "triton"):
-            set_attention_backend(backend)
-            caches = [c.clone().fill_(float("nan")) for c in (k_cache, v_cache)]
-            for s, (k, v) in enumerate(zip(batch.ks, batch.vs)):  # the cached prefix only
-                cached = MIXED[s][0]
-                p = torch.arange(cached, device=DEVICE)
-                store_kv_ref(k[:cached].to(DEVICE), v[:cached].to(DEVICE), *caches,
-                             block_tables[s, p // block_size].long() * block_size + p % block_size)
-            outs[backend] = attention(q, new_k, new_v, *caches, meta, scale=0.125)
-    finally:
-        set_attention_backend("auto")
-    torch.testing.assert_close(outs["triton"], outs["torch"], **FP32_TOL)
+    caches = [c.clone().fill_(float("nan")) for c in (k_cache, v_cache)]
+    for s, (k, v) in enumerate(zip(batch.ks, batch.vs)):  # the cached prefix only
+        p = torch.arange(seqs[s][0], device=DEVICE)
+        store_kv_ref(k[:len(p)].to(DEVICE), v[:len(p)].to(DEVICE), *caches,
+                     block_tables[s, p // block_size].long() * block_size + p % block_size)
+    return attention(q, new_k, new_v, *caches, AttentionMetadata(query_start_loc, seq_lens, block_tables, slot_mapping))
+
+
+def test_the_models_attention_with_triton_kernels_equals_its_torch_ops():
+    torch.testing.assert_close(run_model_attention(TritonPagedAttention(scale=0.125)),
+                               run_model_attention(PagedAttention(scale=0.125)), **FP32_TOL)

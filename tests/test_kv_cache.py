@@ -33,7 +33,7 @@ def test_the_engine_sizes_its_cache_from_the_memory_budget(tiny_checkpoint):
 
 @pytest.mark.parametrize("field, value", [
     ("block_size", 0), ("max_num_batched_tokens", -5), ("num_kv_blocks", 0), ("kv_cache_memory", 1.5),
-    ("kv_cache_fraction", 0), ("attention_backend", "cuda"), ("dtype", "fp8"), ("device", 0),
+    ("kv_cache_fraction", 0), ("kernels", "cuda"), ("dtype", "fp8"), ("device", 0),
 ])
 def test_bad_engine_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):

@@ -1,4 +1,5 @@
-"""CausalLM computes what transformers computes, for Llama, Qwen2 and Qwen3 checkpoints.
+"""CausalLM computes what transformers computes, for Llama, Qwen2 and Qwen3 checkpoints: as
+written (plain torch) and with the CPU platform applied (C kernels, CPU attention).
 
 Each test loads a tiny random checkpoint saved by transformers both ways and drives
 minicake's model over the paged flat batch (tests/model_fixtures.py) with block size 4.
@@ -8,18 +9,26 @@ import torch
 from model_fixtures import PagedCache, greedy, hf_greedy
 from transformers import AutoModelForCausalLM
 
+from minicake.llm import LLM
 from minicake.model.loader import load_model
+from minicake.platforms import apply_platform
+from minicake.platforms.cpu import kernels as cpu_kernels
+from minicake.sampling import SamplingParams
 
 ARCHS = ["llama", "qwen2", "qwen3"]
 # lengths 5, 8 (ends exactly on a block boundary) and 13
 PROMPTS = [[11, 42, 7, 300, 99], [5, 6, 7, 8, 9, 10, 11, 12], [200 + i for i in range(13)]]
 
 
-@pytest.fixture(scope="module", params=ARCHS)
+@pytest.fixture(scope="module", params=[(arch, kernels) for arch in ARCHS for kernels in ("torch", "auto")],
+                ids=lambda p: f"{p[0]}-{p[1]}")
 def models(request, tiny_checkpoint):
-    path = tiny_checkpoint(request.param)
+    arch, kernels = request.param
+    path = tiny_checkpoint(arch)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
-    return load_model(path, device="cpu"), hf
+    model = load_model(path, device="cpu")
+    apply_platform(model, torch.device("cpu"), kernels)
+    return model, hf
 
 
 def hf_logits(hf, ids):
@@ -69,14 +78,16 @@ def test_mixed_prefill_and_decode_in_one_batch(models):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_the_torch_path_without_c_kernels_equals_transformers(arch, tiny_checkpoint, monkeypatch):
-    """Where no C compiler is found (or on a GPU) every op is torch's: unpacked weights, the
-    torch norm and RoPE, the reference attention. Same tokens."""
-    from minicake.kernels import cpu_kernels
-    monkeypatch.setattr(cpu_kernels, "_library", False)  # as after a failed build
+def test_kernels_torch_runs_only_the_models_own_lines_and_equals_transformers(arch, tiny_checkpoint, monkeypatch):
+    """An engine with kernels="torch" applies no platform: no C kernel is built or called, no
+    module is a platform twin, and greedy tokens still equal transformers'."""
+    def forbidden(*args):
+        raise AssertionError("the CPU platform's kernels were used")
+    monkeypatch.setattr(cpu_kernels, "library", forbidden)
     path = tiny_checkpoint(arch)
-    model = load_model(path, device="cpu")
-    assert model.layers[0].self_attn.qkv_proj.weight.dim() == 2
+    llm = LLM(str(path), device="cpu", kernels="torch", block_size=4, num_kv_blocks=64, num_threads=1)
+    assert llm.engine.platform == "torch"
+    assert not [m for m in llm.engine.model.modules() if type(m).__module__.startswith("minicake.platforms")]
+    outputs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
-    tokens, _, _ = greedy(model, PROMPTS, num_tokens=16)
-    assert tokens == [hf_greedy(hf, prompt, 16) for prompt in PROMPTS]
+    assert [o.token_ids for o in outputs] == [hf_greedy(hf, prompt, 16) for prompt in PROMPTS]

@@ -197,6 +197,7 @@ print("(absolute numbers depend on what else the CPU is doing; compare the rows)
 # - `minicake/cache/block_manager.py`: `allocate_slots` (blocks on demand), `free`, and the
 #   prefix-caching half that chapter 5 explains.
 # - `minicake/kernels/reference.py`: `paged_attention_ref`, attention that gathers K/V
-#   through block tables in plain torch (the CPU path for prefill; the CPU's decode tokens go
-#   to `minicake/kernels/cpu_kernels.c`, which reads K/V from the blocks without the copy).
+#   through block tables in plain torch, one sequence and one head at a time (the model's own
+#   attention; on a CPU the engine runs `minicake/platforms/cpu/attention.py` and the C decode
+#   kernel of `minicake/platforms/cpu/kernels.c`, which reads K/V from the blocks without the copy).
 # - Chapter 3 (`03_paged_attention_kernel.py`): the same computation as one Triton kernel.

@@ -6,16 +6,14 @@ head to the embedding. Every step sees all sequences' new tokens concatenated (n
 no batch dimension) and attends through the one paged `attention` call, so prefill chunks
 and decode tokens share a batch. The layers are exposed one by one (`embed`, `layers`,
 `final_norm`) so a prefill instance can act after each layer (DESIGN.md 4.5, 4.6).
-`Linear` is nn.Linear whose weights `pack_weights` rearranges, on a float32 CPU model, for
-the C product of kernels/cpu_kernels.py.
+This is plain torch and runs as written; a platform (minicake/platforms) may turn modules
+into their twins that call faster kernels, with the same parameters and the same numbers.
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minicake.kernels import cpu_kernels
-from minicake.kernels.cpu_kernels import Linear
-from minicake.model.attention import AttentionMetadata, attention
+from minicake.model.attention import AttentionMetadata, PagedAttention
 from minicake.model.config import ModelConfig
 from minicake.model.rope import RotaryEmbedding
 
@@ -29,16 +27,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x, residual=None):
-        if cpu_kernels.usable(x) and (residual is None or residual.is_contiguous()) and \
-                (x.is_contiguous() or (residual is None and cpu_kernels.heads_side_by_side(x))):
-            return cpu_kernels.rms_norm(x, self.weight, self.eps, residual)  # the same, as one C call
         if residual is not None:
             x = residual = x + residual
         out = self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
         return out if residual is None else (out, residual)
 
 
-class StackedLinear(Linear):
+class StackedLinear(nn.Linear):
     """Projections of the same input stacked into one Linear (q/k/v; gate/up), as vLLM and
     nano-vllm do: one product, a third or half as many calls per layer; the output holds the
     parts side by side. Checkpoints keep the parts apart; `part_rows` says which rows of the
@@ -65,13 +60,13 @@ class Attention(nn.Module):
         bias = config.attention_bias
         self.qkv_proj = StackedLinear(hidden, {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size}, bias=bias)
         # Llama/Qwen3 put the attention bias on o_proj too; Qwen2 only on q/k/v
-        self.o_proj = Linear(q_size, hidden, bias=bias and config.architecture != "Qwen2ForCausalLM")
+        self.o_proj = nn.Linear(q_size, hidden, bias=bias and config.architecture != "Qwen2ForCausalLM")
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.qk_norm = config.qk_norm
         self.rotary = rotary
-        self.scale = self.head_dim ** -0.5
+        self.attn = PagedAttention(scale=self.head_dim ** -0.5)
 
     def forward(self, positions, x, meta: AttentionMetadata, k_cache, v_cache):
         n = x.shape[0]  # x: [num_tokens, hidden_size]
@@ -81,16 +76,15 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
-        o = attention(q, k, v, k_cache, v_cache, meta, self.scale)  # [num_tokens, num_heads, head_dim]
+        o = self.attn(q, k, v, k_cache, v_cache, meta)  # [num_tokens, num_heads, head_dim]
         return self.o_proj(o.reshape(n, self.num_heads * self.head_dim))
 
 
-def silu_and_mul(x):
-    """x: [num_tokens, 2 * d], gate then up (the stacked projection) -> silu(gate) * up [num_tokens, d]."""
-    if cpu_kernels.usable(x):
-        return cpu_kernels.silu_and_mul(x)  # the same, as one C call
-    gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate) * up
+class SiluAndMul(nn.Module):
+    def forward(self, x):
+        """x: [num_tokens, 2 * d], gate then up (the stacked projection) -> silu(gate) * up [num_tokens, d]."""
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up
 
 
 class MLP(nn.Module):
@@ -98,10 +92,11 @@ class MLP(nn.Module):
         super().__init__()
         size = config.intermediate_size
         self.gate_up_proj = StackedLinear(config.hidden_size, {"gate_proj": size, "up_proj": size}, bias=False)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act = SiluAndMul()
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))  # gate_up: [num_tokens, 2 * intermediate_size]
+        return self.down_proj(self.act(self.gate_up_proj(x)))  # gate_up: [num_tokens, 2 * intermediate_size]
 
 
 class DecoderLayer(nn.Module):
@@ -137,8 +132,7 @@ class CausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, rotary) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = None if config.tie_word_embeddings else \
-            Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.register_buffer("tied_head_panels", None, persistent=False)  # see pack_weights
+            nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def embed(self, input_ids):
         return self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
@@ -163,21 +157,5 @@ class CausalLM(nn.Module):
         """hidden: [n, hidden_size] (only the rows to sample from) -> [n, vocab_size] float32."""
         if self.lm_head is not None:
             return self.lm_head(hidden).float()
-        if self.tied_head_panels is not None:
-            return cpu_kernels.packed_linear(hidden, self.tied_head_panels, self.config.vocab_size)
         return F.linear(hidden, self.embed_tokens.weight).float()
 
-    def pack_weights(self):
-        """Rearrange every linear weight for `packed_linear` (float32, CPU: load_model calls this),
-        all into one buffer in huge pages. A head tied to the embedding gets its own packed copy
-        (vocab_size x hidden_size floats more), a buffer rather than a parameter: the checkpoint
-        has no such tensor."""
-        linears = [m for m in self.modules() if isinstance(m, Linear)]
-        weights = [m.weight for m in linears] + ([self.embed_tokens.weight] if self.lm_head is None else [])
-        sizes = [cpu_kernels.packed_numel(w) for w in weights]
-        buffer = cpu_kernels.huge_page_empty(sum(sizes))
-        panels = [cpu_kernels.pack_weight(w, out) for w, out in zip(weights, buffer.split(sizes))]
-        for module, packed in zip(linears, panels):
-            module.weight = nn.Parameter(packed, requires_grad=False)
-        if self.lm_head is None:
-            self.tied_head_panels = panels[-1]

@@ -4,9 +4,7 @@
 path, the built-in "smollm2-135m", or a hub id); `load_model` builds the decoder on the
 meta device and streams every tensor of the safetensors files straight into it (into its
 rows, for the stacked q/k/v and gate/up weights), so a checkpoint never sits in memory twice.
-A float32 model on the CPU then has its linear weights packed for the C matmul
-(`CausalLM.pack_weights`): for that moment the weights are in memory twice. No transformers
-at run time.
+No transformers at run time.
 """
 import json
 from pathlib import Path
@@ -14,7 +12,6 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from minicake.kernels import cpu_kernels
 from minicake.model.bundled import BUNDLED_NAME, bundled_model_dir
 from minicake.model.config import ModelConfig
 from minicake.model.llama import CausalLM, StackedLinear
@@ -81,8 +78,6 @@ def load_model(path, device=None, dtype: torch.dtype | None = None) -> CausalLM:
     if missing:
         raise ValueError(f"{len(missing)} tensors missing from the checkpoint in {path}, first: {missing[0]!r}")
     model.eval().requires_grad_(False)
-    if device.type == "cpu" and dtype == torch.float32 and cpu_kernels.library():
-        model.pack_weights()  # the layout of the C matmul (kernels/cpu_kernels.py)
     return model
 
 

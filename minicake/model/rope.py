@@ -10,8 +10,6 @@ import math
 import torch
 from torch import nn
 
-from minicake.kernels import cpu_kernels
-
 
 def inv_frequencies(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
     """[head_dim // 2] float32 angular speeds, as transformers computes them."""
@@ -50,10 +48,7 @@ class RotaryEmbedding(nn.Module):
         return self._cos_sin
 
     def forward(self, positions, q, k):
-        """positions: [num_tokens]; q: [num_tokens, num_q_heads, head_dim]; k: [num_tokens, num_kv_heads, head_dim].
-        On the CPU in float32, rotates q and k in place (one C call)."""
-        if cpu_kernels.usable(q) and cpu_kernels.heads_side_by_side(q) and cpu_kernels.heads_side_by_side(k):
-            return cpu_kernels.rope_(q, k, positions, *self._table(q.device))
+        """positions: [num_tokens]; q: [num_tokens, num_q_heads, head_dim]; k: [num_tokens, num_kv_heads, head_dim]."""
         if self._step[0] is not positions:
             cos_table, sin_table = self._table(q.device)
             cos = cos_table[positions][:, None, :].to(q.dtype)  # [num_tokens, 1, head_dim]

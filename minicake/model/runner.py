@@ -5,35 +5,26 @@ tokens of every sequence concatenated, their positions, and an `AttentionMetadat
 where each sequence starts, its context length, its block table and the cache slot of each
 new token. Only the rows that complete a sequence this step (the last token of a prompt,
 or a decode) go through the LM head and the sampler: a prefill chunk that stops mid-prompt
-samples nothing. On the CPU, decode steps of up to GRAPH_MAX_BATCH sequences replay a
-recorded decode graph (decode_graph.py) instead of running the model module by module.
+samples nothing. A platform may hand it `decode_graphs` (the CPU's, platforms/cpu/decode_graph.py):
+decode-only steps then replay a recorded step instead of running the model module by module.
 """
-import logging
-
 import torch
 
-from minicake.kernels import cpu_kernels
 from minicake.model.attention import AttentionMetadata
-from minicake.model.decode_graph import DecodeGraph, NotRecordable
 from minicake.sampling import sample
 from minicake.sched.sequence import Sequence
-
-logger = logging.getLogger("minicake")
-GRAPH_MAX_BATCH = 8  # decode graphs for batches of 1..8 sequences; larger ones spend little of a step in Python
 
 
 class ModelRunner:
     def __init__(self, model, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int,
-                 device: torch.device, seed: int, decode_graphs: bool = True):
+                 device: torch.device, seed: int, decode_graphs=None):
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = device
         self.generator = torch.Generator().manual_seed(seed)  # for requests without their own seed
         self.pool = None  # a KVPool whose pending loads run inside the forward pass, layer by layer
-        # batch size -> its DecodeGraph, or None where recording failed; None: no graphs (the C
-        # kernels cannot take this cache: GPU, bf16/fp16, no compiler; or enforce_eager)
-        self.graphs = {} if decode_graphs and cpu_kernels.usable(kv_caches[0][0]) else None
+        self.decode_graphs = decode_graphs  # .run(input_ids, positions, meta) -> logits or None (eager)
 
     def prepare(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """Flat inputs for each sequence's scheduled tokens (num_computed .. + num_scheduled)."""
@@ -68,7 +59,10 @@ class ModelRunner:
         """Run one step; returns one token per sequence whose step_done() is True, in order."""
         input_ids, positions, meta = self.prepare(seqs)
         sampled = [i for i, seq in enumerate(seqs) if seq.step_done()]
-        logits = self._replay_decode(input_ids, positions, meta) if len(sampled) == len(input_ids) else None
+        logits = None
+        if self.decode_graphs is not None and len(sampled) == len(input_ids) and not (
+                self.pool is not None and self.pool.pending):  # decodes only; pool loads run in the layers
+            logits = self.decode_graphs.run(input_ids, positions, meta)
         if logits is None:
             if self.pool is not None:
                 hidden = self.pool.forward(self.model, input_ids, positions, meta)  # [num_tokens, hidden]
@@ -82,21 +76,3 @@ class ModelRunner:
         generators = [seqs[i].generator for i in sampled]
         return sample(logits.cpu(), params, generators, self.generator)
 
-    def _replay_decode(self, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor | None:
-        """A step where every sequence decodes one token, through the decode graph of its batch
-        size (recorded on first use): logits [num_seqs, vocab]. None: run it eagerly."""
-        batch = len(input_ids)
-        if self.graphs is None or batch > GRAPH_MAX_BATCH or (self.pool is not None and self.pool.pending):
-            return None
-        if batch in self.graphs:  # recorded before (None: recording failed)
-            graph = self.graphs[batch]
-            return None if graph is None else graph.replay(input_ids, positions, meta)
-        graph = DecodeGraph(self.model, self.kv_caches, batch)
-        try:
-            logits = graph.record(input_ids, positions, meta)
-        except NotRecordable as e:
-            logger.info("decode steps of %d sequences run eagerly: recording their graph met %s", batch, e)
-            self.graphs[batch] = None
-            return None
-        self.graphs[batch] = graph
-        return logits

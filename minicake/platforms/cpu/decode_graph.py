@@ -10,20 +10,23 @@ sequences over fixed input buffers, then replays them: write the step's inputs i
 buffers and call the recorded kernels with the recorded arguments. No checks, no
 allocations, no module calls on that path. The pointers stay valid: the graph keeps alive
 the buffers made while recording, its inputs and the KV caches, and the model its weights and
-RoPE tables (built once). What the recorded arguments fix stays fixed: the thread count, and
-the C attention path even if `set_attention_backend` changes later in the process.
+RoPE tables (built once). What the recorded arguments fix stays fixed: the thread count.
 
 Only the C calls are replayed, so while recording every torch op the model runs is watched
 (a TorchDispatchMode): allocations and views are fine, they are the graph's buffers; an op
 that computes values (a torch fallback, a copy) would be skipped by the replay, so it makes
-the step unrecordable (`NotRecordable`) and the runner keeps that batch size eager.
+the step unrecordable (`NotRecordable`) and that batch size stays eager.
 """
+import logging
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from minicake.kernels import cpu_kernels
 from minicake.model.attention import AttentionMetadata
+from minicake.platforms.cpu import kernels
 
+logger = logging.getLogger("minicake")
+GRAPH_MAX_BATCH = 8  # decode graphs for batches of 1..8 sequences; larger ones spend little of a step in Python
 ALLOCATIONS = (torch.ops.aten.empty, torch.ops.aten.empty_like)
 
 
@@ -90,7 +93,7 @@ class DecodeGraph:
         # table, on a decode instance whose first step is a decode) exists before the recording
         self._forward()
         watch = _OnlyBuffers()
-        with cpu_kernels.recording() as calls, watch:
+        with kernels.recording() as calls, watch:
             logits = self._forward()
         self.calls, self.buffers, self.logits = calls, watch.buffers, logits
         return logits
@@ -105,3 +108,32 @@ class DecodeGraph:
             if kernel(*args) not in (None, -1):  # store_kv: a slot past the cache (checked when recorded)
                 raise IndexError("slot_mapping points past the KV cache")
         return self.logits
+
+
+class DecodeGraphs:
+    """The runner's decode graphs, one per batch size 1..GRAPH_MAX_BATCH, each recorded the
+    first time a decode step of that size runs. Only where the C kernels take the KV cache."""
+
+    def __init__(self, model, kv_caches):
+        assert kernels.usable(kv_caches[0][0]), "decode graphs replay C calls: float32 CPU caches only"
+        self.model, self.kv_caches = model, kv_caches
+        self.graphs: dict[int, DecodeGraph | None] = {}  # batch size -> its graph; None: recording failed
+
+    def run(self, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor | None:
+        """A step where every sequence decodes one token: logits [num_seqs, vocab], or None
+        where it must run eagerly."""
+        batch = len(input_ids)
+        if batch > GRAPH_MAX_BATCH:
+            return None
+        if batch in self.graphs:
+            graph = self.graphs[batch]
+            return None if graph is None else graph.replay(input_ids, positions, meta)
+        graph = DecodeGraph(self.model, self.kv_caches, batch)
+        try:
+            logits = graph.record(input_ids, positions, meta)
+        except NotRecordable as e:
+            logger.info("decode steps of %d sequences run eagerly: recording their graph met %s", batch, e)
+            self.graphs[batch] = None
+            return None
+        self.graphs[batch] = graph
+        return logits

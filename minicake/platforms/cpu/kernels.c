@@ -10,14 +10,14 @@
  *    silu_and_mul: a batch-1 decode step is a few hundred tiny ops, and torch spends 3-25 us
  *    on each of these (several ops each); here one call of 2-4 us.
  * 3. packed_linear: y = x W^T with W packed once into panels of 32 output columns
- *    (cpu_kernels.pack_weight), as BLAS libraries pack their operands on every call. With
+ *    (kernels.pack_weight), as BLAS libraries pack their operands on every call. With
  *    AVX-512 a tile of 12 rows of x by one panel keeps 12 x 32 outputs in 24 registers; each
  *    step along k loads 32 weights (the next 128 bytes of the panel) and broadcasts one x value
  *    per row into 24 multiply-adds (AVX2: 6 rows by half a panel, 16 registers). At 8-64 rows
  *    (a decode batch) that runs 1.4-2.6x torch's matmul here (110-204 GFLOP/s against 42-134),
  *    and at 1 row it reads the weights about as fast as memory gives them.
  *
- * All tensors float32 and contiguous (rope: rows of a view). Built by cpu_kernels.py with
+ * All tensors float32 and contiguous (rope: rows of a view). Built by kernels.py with
  * -O3 -march=native -ffast-math -fopenmp.
  */
 #include <math.h>
@@ -195,7 +195,7 @@ typedef float vec __attribute__((vector_size(32), aligned(4))); /* 8 floats, one
 #endif
 #define VEC ((int)(sizeof(vec) / sizeof(float)))
 #define TILE_COLS (2 * VEC) /* the whole panel with AVX-512, half of it with AVX2 */
-#define PANEL 32            /* output columns per panel of packed weights (PANEL in cpu_kernels.py) */
+#define PANEL 32            /* output columns per panel of packed weights (PANEL in kernels.py) */
 
 /* One tile: y[0:R, 0:cols] = x[0:R, :] . w, for R <= TILE_ROWS rows of x (a constant where this
  * is inlined, so the loops unroll and acc lives in registers) and the tile's columns w of a

@@ -1,13 +1,14 @@
-"""The CPU kernels of `cpu_kernels.c`, built once and called through ctypes.
+"""The C kernels of `kernels.c`, built once and called through ctypes.
 
 - `decode_attention`: paged attention for decode tokens, reading K/V in place (the torch
-  reference gathers them first). `model/attention.py` hands it the decodes of a step.
+  attention gathers them first).
 - `rms_norm` (residual add fused in), `rope_` (q and k in place), `store_kv` and
   `silu_and_mul`: what a decode step runs between its matmuls, as one C call each instead
   of several small torch ops.
-- `packed_linear` (and `Linear`, the model's `nn.Linear`): y = x W^T with W rearranged once
-  into panels of 32 output columns (`pack_weight`), so that the innermost loop reads weights
-  in order and keeps a 12 x 32 block of outputs in vector registers.
+- `packed_linear`: y = x W^T with W rearranged once into panels of 32 output columns
+  (`pack_weight`), so that the innermost loop reads weights in order and keeps a 12 x 32
+  block of outputs in vector registers.
+modules.py wraps them as the model's modules' CPU twins.
 
 On the first call the C file is compiled with the system C compiler (`$CC`, default `cc`)
 into `$MINICAKE_CACHE/kernels/`, under a name that hashes the source and the flags, and
@@ -28,7 +29,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from minicake.config import cache_dir
 
@@ -85,7 +85,7 @@ def library():
 @contextmanager
 def recording():
     """Within it every C kernel call is also appended, as (kernel, args), to the list it yields:
-    a decode step recorded once and replayed (model/decode_graph.py)."""
+    a decode step recorded once and replayed (decode_graph.py)."""
     global _recording
     _recording = calls = []
     try:
@@ -113,7 +113,7 @@ def heads_side_by_side(x) -> bool:
 
 
 def rms_norm(x, weight, eps, residual=None):
-    """Same result as `llama.RMSNorm`. x: [..., dim] float32, contiguous, or [num_tokens, heads, dim]
+    """Same result as `model/llama.py`'s `RMSNorm`. x: [..., dim] float32, contiguous, or [num_tokens, heads, dim]
     with `heads_side_by_side` (Qwen3's per-head norm of q and k); residual: like x, contiguous;
     weight: [dim]. Returns the normalized x (contiguous), or with a residual (out, x + residual)
     with the sum normalized."""
@@ -146,7 +146,7 @@ def rope_(q, k, positions, cos_table, sin_table):
 
 
 def store_kv(k, v, k_cache, v_cache, slot_mapping):
-    """Same contract as `reference.store_kv_ref` for float32 CPU tensors: k, v [num_tokens,
+    """Same contract as `kernels/reference.py`'s `store_kv_ref` for float32 CPU tensors: k, v [num_tokens,
     num_kv_heads, head_dim] (token rows may be strided) into their slots of k/v_cache
     [num_blocks, block_size, num_kv_heads, head_dim]; slot_mapping [num_tokens] int64, -1 = skip."""
     row = k_cache.shape[2] * k_cache.shape[3]
@@ -170,13 +170,14 @@ def silu_and_mul(x):
     return out
 
 
-def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale):
-    """Same contract as `reference.decode_attention_ref` (float32 CPU tensors only).
+def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale):
+    """Paged attention of one new token per sequence (float32 CPU tensors only); the same
+    numbers as `kernels/reference.py`'s `paged_attention_ref` for a decode-only batch.
 
     q: [num_seqs, num_q_heads, head_dim], one new token per sequence, already in the cache (token
     rows may be strided: a view of the fused q/k/v output);
     k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim];
-    block_tables: [num_seqs, max_blocks] int32; seq_lens: [num_seqs] int32.
+    block_tables: [num_seqs, max_blocks] int32; context_lens: [num_seqs] int32.
     Returns [num_seqs, num_q_heads, head_dim].
     """
     assert q.dtype == k_cache.dtype == v_cache.dtype == torch.float32 and q.is_cpu
@@ -184,11 +185,11 @@ def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale):
     num_seqs, num_q_heads, head_dim = q.shape
     assert heads_side_by_side(q)
     block_tables = block_tables.to(torch.int32).contiguous()
-    seq_lens = seq_lens.to(torch.int32).contiguous()
+    context_lens = context_lens.to(torch.int32).contiguous()
     out = torch.empty(num_seqs, num_q_heads, head_dim)
     _run(library().paged_decode_attention,
          q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
-         seq_lens.data_ptr(), out.data_ptr(), num_seqs, block_tables.shape[1], num_q_heads, k_cache.shape[2],
+         context_lens.data_ptr(), out.data_ptr(), num_seqs, block_tables.shape[1], num_q_heads, k_cache.shape[2],
          head_dim, k_cache.shape[1], scale, torch.get_num_threads())
     return out
 
@@ -248,17 +249,3 @@ def packed_linear(x, panels, out_features, bias=None):
          out.data_ptr(), x.shape[0], out_features, x.shape[1], torch.get_num_threads())
     return out
 
-
-class Linear(nn.Linear):
-    """nn.Linear (same parameters, same checkpoints) whose weight can be packed for the CPU.
-
-    On a float32 CPU model, once the weights are in, `CausalLM.pack_weights` replaces each
-    `weight` [n, k] by its panels [ceil(n / 32), k, 32] (as vLLM rearranges weights in
-    `process_weights_after_loading`), and the product runs in `packed_linear`: here at least
-    as fast as torch's matmul at every batch size, 1.4-2.6x at 8-64 rows (a decode step).
-    """
-
-    def forward(self, x):
-        if self.weight.dim() == 3:
-            return packed_linear(x, self.weight, self.out_features, self.bias)
-        return F.linear(x, self.weight, self.bias)
