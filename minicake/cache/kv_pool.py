@@ -107,22 +107,10 @@ class KVPool:
         slot = self.entries[key].slot
         return self.host[slot, layer, 0], self.host[slot, layer, 1]
 
-    @torch.inference_mode()
-    def forward(self, model, input_ids, positions, meta) -> torch.Tensor:
-        """The model's forward pass over the engine's caches with the pending loads interleaved.
-        Returns like `model()`: [num_tokens, hidden_size] after the final norm."""
-        if not self.begin_loads():
-            return model(input_ids, positions, meta, self.kv_caches)
-        hidden, residual = model.embed(input_ids), None
-        for j, (layer, (k_cache, v_cache)) in enumerate(zip(model.layers, self.kv_caches)):
-            self.before_layer(j)
-            hidden, residual = layer(positions, hidden, residual, meta, k_cache, v_cache)
-        self.end_loads()
-        return model.final_norm(hidden, residual)
-
     def begin_loads(self) -> bool:
         """Issue layer 0 of every pending load; False when none is pending. A forward pass that
-        loads calls before_layer(j) before each layer j and end_loads() after the last."""
+        loads passes `before_layer` as the model's hook (it runs before each layer j) and calls
+        end_loads() after the last layer."""
         if not self.pending:
             return False
         self._loads = [(block_id, self.entries[key].slot) for block_id, key in self.pending.items()]

@@ -5,7 +5,8 @@ q/k/v biases, Qwen3 a per-head RMSNorm on q and k, and any of them may tie the o
 head to the embedding. Every step sees all sequences' new tokens concatenated (no padding,
 no batch dimension) and attends through the one paged `attention` call, so prefill chunks
 and decode tokens share a batch. The layers are exposed one by one (`embed`, `layers`,
-`final_norm`) so a prefill instance can act after each layer (DESIGN.md 4.5, 4.6).
+`final_norm`), and `run_layers` takes a layer range and per-layer hooks, so a prefill
+instance can act after each layer and a pipeline stage run its own layers (DESIGN.md 4.5, 4.6).
 This is plain torch and runs as written; a platform (minicake/platforms) may turn modules
 into their twins that call faster kernels, with the same parameters and the same numbers.
 """
@@ -140,18 +141,29 @@ class CausalLM(nn.Module):
     def final_norm(self, hidden, residual):
         return self.norm(hidden, residual)[0]
 
-    def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches):
+    def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches, before_layer=None):
         """input_ids, positions: [num_tokens] int64; kv_caches: one (k_cache, v_cache) per layer.
         Returns [num_tokens, hidden_size] after the final norm."""
-        return self.run_layers(self.embed(input_ids), positions, meta, kv_caches)
-
-    def run_layers(self, hidden, positions, meta: AttentionMetadata, kv_caches):
-        """The decoder layers and the final norm over embeddings hidden [num_tokens, hidden_size]."""
-        assert len(kv_caches) == len(self.layers), f"{len(kv_caches)} KV caches for {len(self.layers)} layers"
-        residual = None
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            hidden, residual = layer(positions, hidden, residual, meta, k_cache, v_cache)
+        hidden, residual = self.run_layers(self.embed(input_ids), None, positions, meta, kv_caches,
+                                           before_layer=before_layer)
         return self.final_norm(hidden, residual)
+
+    def run_layers(self, hidden, residual, positions, meta: AttentionMetadata, kv_caches, layers: range | None = None,
+                   before_layer=None, after_layer=None):
+        """The one loop over the decoder layers. hidden, residual: [num_tokens, hidden_size]
+        (residual None before layer 0); returns both after the last layer of `layers` (default:
+        all; a pipeline stage runs its own range). before_layer(i) / after_layer(i), when given,
+        run around layer i: the KV pool loads layer i's blocks before it, a prefill instance
+        sends layer i's new K/V after it."""
+        assert len(kv_caches) == len(self.layers), f"{len(kv_caches)} KV caches for {len(self.layers)} layers"
+        for i in layers if layers is not None else range(len(self.layers)):
+            if before_layer is not None:
+                before_layer(i)
+            k_cache, v_cache = kv_caches[i]
+            hidden, residual = self.layers[i](positions, hidden, residual, meta, k_cache, v_cache)
+            if after_layer is not None:
+                after_layer(i)
+        return hidden, residual
 
     def compute_logits(self, hidden):
         """hidden: [n, hidden_size] (only the rows to sample from) -> [n, vocab_size] float32."""

@@ -64,10 +64,11 @@ class ModelRunner:
                 self.pool is not None and self.pool.pending):  # decodes only; pool loads run in the layers
             logits = self.decode_graphs.run(input_ids, positions, meta)
         if logits is None:
-            if self.pool is not None:
-                hidden = self.pool.forward(self.model, input_ids, positions, meta)  # [num_tokens, hidden]
-            else:
-                hidden = self.model(input_ids, positions, meta, self.kv_caches)  # [num_tokens, hidden]
+            loading = self.pool is not None and self.pool.begin_loads()  # pooled prefix blocks come back
+            hidden = self.model(input_ids, positions, meta, self.kv_caches,  # [num_tokens, hidden_size]
+                                before_layer=self.pool.before_layer if loading else None)
+            if loading:
+                self.pool.end_loads()
             if not sampled:
                 return []
             last_rows = meta.query_start_loc[1:][sampled].long() - 1  # last new token of each

@@ -84,18 +84,18 @@ class StageRunner:
         self.pool = None  # a KVPool (single-stage groups only) whose loads run before each layer
 
     @torch.inference_mode()
-    def run_layers(self, hidden, residual, positions, meta: AttentionMetadata, batch: StageBatch, after_layer):
-        """hidden, residual: [num_tokens, hidden_size] (residual None at layer 0). Calls
-        after_layer() after each layer."""
-        loading = self.pool is not None and self.pool.begin_loads()
-        for i in self.layers:
-            if loading:
-                self.pool.before_layer(i)
-            k_cache, v_cache = self.kv_caches[i]
-            hidden, residual = self.model.layers[i](positions, hidden, residual, meta, k_cache, v_cache)
+    def run_layers(self, hidden, residual, positions, meta: AttentionMetadata, batch: StageBatch, heartbeat):
+        """hidden, residual: [num_tokens, hidden_size] (residual None at layer 0). The model's own
+        layer loop over this stage's layers: pooled blocks load before each layer, the layer's new
+        K/V go to the decode instance after it (layer-wise), and `heartbeat()` keeps peers patient."""
+        def after_layer(i: int) -> None:
             if batch.layerwise:
                 self._send(batch.sends, i)
-            after_layer()
+            heartbeat()
+        loading = self.pool is not None and self.pool.begin_loads()
+        hidden, residual = self.model.run_layers(hidden, residual, positions, meta, self.kv_caches, self.layers,
+                                                 before_layer=self.pool.before_layer if loading else None,
+                                                 after_layer=after_layer)
         if loading:
             self.pool.end_loads()
         if not batch.layerwise:

@@ -99,8 +99,8 @@ class DecodeGraph:
         return logits
 
     def _forward(self) -> torch.Tensor:
-        hidden = self.model.run_layers(self.hidden, self.positions, self.meta, self.kv_caches)
-        return self.model.compute_logits(hidden)
+        hidden, residual = self.model.run_layers(self.hidden, None, self.positions, self.meta, self.kv_caches)
+        return self.model.compute_logits(self.model.final_norm(hidden, residual))
 
     def replay(self, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
         self._set_inputs(input_ids, positions, meta)
