@@ -1,4 +1,5 @@
-"""Colocated vs disaggregated prefill/decode on this CPU, same prompts, same run (DESIGN.md 4.5, 4.6).
+"""Colocated vs disaggregated prefill/decode on this CPU, same prompts, same run
+(docs/design.md, Layer-wise KV transfer and Chunked pipeline-parallel prefill).
 
 Four deployments of the same model stay up side by side and take turns on every prompt, so
 a change in machine load hits them alike: colocated (one engine), 1 prefill + 1 decode with

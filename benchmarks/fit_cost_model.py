@@ -1,4 +1,4 @@
-"""Fit a cost-model profile to minicake's own engine on this machine (DESIGN.md 4.3, 4.4).
+"""Fit a cost-model profile to minicake's own engine on this machine (docs/design.md, Cost models).
 
 Times prefills of N prompt tokens of which C are prefix-cache hits, decode steps of B sequences
 holding T context tokens as a decode instance runs them (the gaps between tokens at the client

@@ -10,9 +10,9 @@
 # To find a shared prefix quickly, every *full* block gets a key that names the block *and
 # everything before it*: key(block i) = hash(key(block i-1), tokens of block i). Equal key i
 # means equal prefix up to the end of block i, so a prefix match is a walk over a prompt's
-# keys that stops at the first miss, one dictionary lookup per block (DESIGN.md 4.1). The
-# block keeps its token ids too, so a hash collision is detected, never served. The same
-# function names blocks in the local prefix cache, the KV pool and the Conductor.
+# keys that stops at the first miss, one dictionary lookup per block. The block keeps its
+# token ids too, so a hash collision is detected, never served. The same function names
+# blocks in the local prefix cache, the KV pool and the Conductor (docs/design.md, Block keys).
 #
 # A freed block keeps its key and stays findable until the allocator needs the space
 # (least recently freed first): a cache that costs nothing while memory is free.
@@ -119,12 +119,11 @@ print("same tokens with and without the prefix cache")
 # every prompt by a hash id, so the hit rate of a cache of a given size can be replayed
 # without any model: each request reuses the leading blocks the pool still holds, then
 # stores all of its blocks, evicting least recently used (or least frequently used) ones.
-# This is `KVPoolModel`, the simulator's model of a prefill instance's host pool.
+# This is `KVPoolModel`, the simulator's model of a prefill instance's host pool. The trace
+# ships with minicake (`minicake/traces/`); `load_trace("conversation")` reads it.
 
 # %%
-full_trace = REPO.parent / "shared" / "traces" / "conversation_trace.jsonl"
-trace_path = full_trace if full_trace.is_file() else REPO / "tests" / "data" / "conversation_trace_200.jsonl"
-trace = load_trace(trace_path, limit=3000)
+trace = load_trace("conversation", limit=3000)
 
 
 def hit_rate(capacity_blocks: int | None, policy: str) -> float:
@@ -143,7 +142,7 @@ def hit_rate(capacity_blocks: int | None, policy: str) -> float:
 capacities = [100, 300, 1_000, 3_000, 10_000, 30_000]
 rates = {policy: [hit_rate(c, policy) for c in capacities] for policy in ("lru", "lfu")}
 unlimited = hit_rate(None, "lru")
-print(f"{trace_path.name}, {len(trace)} requests; token-weighted hit rate by pool capacity:")
+print(f"conversation trace, {len(trace)} requests; token-weighted hit rate by pool capacity:")
 for c, lru, lfu in zip(capacities, rates["lru"], rates["lfu"]):
     print(f"  {c:>6} blocks ({c * TRACE_BLOCK_SIZE / 1e6:5.1f} M tokens): LRU {lru:.3f}  LFU {lfu:.3f}")
 print(f"  unlimited: {unlimited:.3f}")
@@ -161,7 +160,7 @@ ax.axhline(unlimited, color="k", ls="--", lw=0.8, label="unlimited")
 ax.set_xscale("log")
 ax.set_xlabel("pool capacity (tokens, log scale)")
 ax.set_ylabel("prefix hit rate (token-weighted)")
-ax.set_title(f"{trace_path.name}, first {len(trace)} requests, one pool")
+ax.set_title(f"conversation trace, first {len(trace)} requests, one pool")
 ax.legend()
 fig.tight_layout()
 FIGURES.mkdir(parents=True, exist_ok=True)

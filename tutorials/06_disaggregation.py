@@ -10,14 +10,15 @@
 # and generates. Each side can then be sized and batched for its own SLO (TTFT for prefill,
 # TBT for decode), at the price of moving the KV cache between them.
 #
-# The price is hidden by sending it *layer by layer* (DESIGN.md 4.5): as soon as layer j has
-# written a chunk's K/V, the prefill instance starts a non-blocking send of those blocks and
-# computes layer j+1. When the last layer finishes, only its own send is still in flight.
+# The price is hidden by sending it *layer by layer* (docs/design.md, Layer-wise KV
+# transfer): as soon as layer j has written a chunk's K/V, the prefill instance starts a
+# non-blocking send of those blocks and computes layer j+1. When the last layer finishes,
+# only its own send is still in flight.
 # A send is a small fixed-size header (transfer id, layer, first block, number of blocks)
 # and then the blocks as one tensor, over torch.distributed: gloo between CPU processes,
 # NCCL between GPUs, the same code.
 #
-# The order of events for one request (DESIGN.md 2):
+# The order of events for one request (docs/design.md, The life of one request):
 # 1. the decode instance reserves the KV blocks first, so a transfer never arrives with
 #    nowhere to land, and tells the prefill instance where to send;
 # 2. the prefill instance prefills (chunked, prefix cache) and streams each layer's blocks;

@@ -3,10 +3,11 @@
 #
 # A 100k-token prompt takes long to prefill on one instance, and TTFT is all prefill. To
 # use several machines for one prompt, Mooncake splits the model's layers into stages, one
-# process each, and cuts the prompt into chunks (DESIGN.md 4.6): stage 0 computes chunk c
-# on its layers while stage 1 computes chunk c-1 on the next layers, and so on, passing
-# hidden states forward. With S stages and C chunks, the prompt takes about (C + S - 1)
-# chunk-times of one stage instead of C x S: close to S times faster when C >> S.
+# process each, and cuts the prompt into chunks (docs/design.md, Chunked pipeline-parallel
+# prefill): stage 0 computes chunk c on its layers while stage 1 computes chunk c-1 on the
+# next layers, and so on, passing hidden states forward. With S stages and C chunks, the
+# prompt takes about (C + S - 1) chunk-times of one stage instead of C x S: close to S times
+# faster when C >> S.
 #
 # Why chunks and not sequence parallelism? Stages talk only to their neighbour, once per
 # chunk (the hidden states), instead of at every layer, and a short prompt (one chunk)

@@ -5,7 +5,7 @@
 # has seen (on the GPU and in a host-memory pool). A new request's prompt often starts with a
 # prefix some instance already holds: a system prompt, the earlier turns of a conversation.
 # The *Conductor* decides, per request, which prefill instance runs it and which decode
-# instance continues it. Its rule (the paper's Algorithm 1, DESIGN.md 4.3):
+# instance continues it. Its rule (the paper's Algorithm 1, docs/design.md, Prefill choice):
 #
 # - Find the longest cached prefix anywhere (`best_len` blocks, on `best_inst`), and each
 #   instance's own match `len_i`, by walking the request's chained block keys (chapter 5).
@@ -85,15 +85,12 @@ assert d.ttft_s < min(recompute, wait)
 #
 # The public Mooncake conversation trace has one line per request: arrival time, input and
 # output lengths, and one hash id per 512-token block (equal ids: equal prefixes). No text:
-# the simulator needs lengths and prefixes, not tokens. The tutorial reads the first 3000
-# requests from `../shared/traces/` (DESIGN.md section 5) and falls back to the 200-request
-# slice in `tests/data/` where that folder is absent.
+# the simulator needs lengths and prefixes, not tokens. minicake ships the trace
+# (`minicake/traces/`, docs/design.md, Traces); the tutorial reads its first 3000 requests.
 
 # %%
-full_trace = REPO.parent / "shared" / "traces" / "conversation_trace.jsonl"
-trace_path = full_trace if full_trace.is_file() else REPO / "tests" / "data" / "conversation_trace_200.jsonl"
-trace = load_trace(trace_path, limit=3000)
-print(f"{trace_path}: {len(trace)} requests over {trace[-1].arrival_s:.0f} s, "
+trace = load_trace("conversation", limit=3000)
+print(f"conversation trace: {len(trace)} requests over {trace[-1].arrival_s:.0f} s, "
       f"mean prompt {sum(e.request.prompt_len for e in trace) / len(trace):.0f} tokens")
 
 # %% [markdown]
@@ -151,7 +148,7 @@ ax.set_xscale("log")
 ax.set_xlim(left=1e-2)
 ax.set_xlabel("TTFT (s, log scale)")
 ax.set_ylabel("share of requests")
-ax.set_title(f"{trace_path.name}, first {len(trace)} requests, 6P+6D, paper-70b")
+ax.set_title(f"conversation trace, first {len(trace)} requests, 6P+6D, paper-70b")
 ax.legend()
 fig.tight_layout()
 FIGURES.mkdir(parents=True, exist_ok=True)
@@ -163,9 +160,8 @@ print(f"wrote {FIGURES / '08_ttft_by_scheduler.png'}")
 #
 # - `minicake/sched/conductor.py`: `_plan` is Algorithm 1 for one instance, `_choose_decode`
 #   the decode side.
-# - `python -m minicake.sim --trace ../shared/traces/conversation_trace.jsonl --prefill 6
-#   --decode 6 --limit 3000 --plot load.png`: the same run from the command line, with
-#   per-instance load over time.
+# - `python -m minicake.sim --trace conversation --prefill 6 --decode 6 --limit 3000
+#   --plot load.png`: the same run from the command line, with per-instance load over time.
 # - `minicake/sched/live.py` and `minicake/serve/cluster.py`: the same Conductor choosing
 #   instances for live requests in the server's cluster.
 # - `benchmarks/pool_hit_rate.py`: hit rate against the pool's capacity.

@@ -4,7 +4,7 @@
 # Chapter 8 served every request, however late. Under a real overload that is the worst
 # choice: queues grow, every request misses its SLO, and the work spent on them is wasted.
 # Mooncake rejects some requests instead (HTTP 429), and the question is which, and when
-# (DESIGN.md 4.7):
+# (docs/design.md, Admission control):
 #
 # - *Baseline*: admit when the prefill side is not overloaded. The decode instance may then
 #   refuse the request after its prefill ran: that prefill was wasted.
@@ -41,16 +41,13 @@ FIGURES = Path(os.environ.get("MINICAKE_FIGURES", REPO / "tutorials" / "figures"
 # %% [markdown]
 # ## An overloaded cluster
 #
-# The conversation trace (first 3000 requests, or the 200-request slice in `tests/data/`
-# where `../shared/traces/` is absent) replayed twice as fast as recorded on 5 prefill and
-# only 2 decode instances, with a tight TBT SLO of 30 ms: decode is the scarce side.
+# The conversation trace (its first 3000 requests) replayed twice as fast as recorded on 5
+# prefill and only 2 decode instances, with a tight TBT SLO of 30 ms: decode is the scarce side.
 
 # %%
-full_trace = REPO.parent / "shared" / "traces" / "conversation_trace.jsonl"
-trace_path = full_trace if full_trace.is_file() else REPO / "tests" / "data" / "conversation_trace_200.jsonl"
-trace = load_trace(trace_path, limit=3000, speed=2.0)
+trace = load_trace("conversation", limit=3000, speed=2.0)
 ttft_slo_s, tbt_slo_s = 15.0, 0.030
-print(f"{trace_path.name}: {len(trace)} requests in {trace[-1].arrival_s:.0f} s (2x speed), 5P+2D, "
+print(f"conversation trace: {len(trace)} requests in {trace[-1].arrival_s:.0f} s (2x speed), 5P+2D, "
       f"SLOs: TTFT {ttft_slo_s} s, TBT {tbt_slo_s * 1e3:.0f} ms")
 
 results = {}
@@ -73,8 +70,8 @@ for admission, r in results.items():
           f"{s['effective_fraction']:9.3f} {decode_swing(r):12.3f}  {s['rejected_by_reason']}")
 
 # %% [markdown]
-# `effective` is the share of all requests that finished within both SLOs (DESIGN.md 5);
-# `decode swing` is how much the decode load moves over time. Without admission control
+# `effective` is the share of all requests that finished within both SLOs (docs/design.md,
+# Metrics); `decode swing` is how much the decode load moves over time. Without admission control
 # (`none`: only a request that fits in no decode instance's KV is refused) the prefill queues
 # grow and almost no request meets its TTFT SLO. Early rejection refuses as many requests as
 # baseline, but it admits them on a stale view of decode, so decode overshoots its SLO in
@@ -117,7 +114,7 @@ print(f"wrote {figure}")
 # ## What to read next
 #
 # - `minicake/sched/conductor.py`: `_predicted_batch` is the whole prediction, 10 lines.
-# - `python benchmarks/admission_overload.py --trace ../shared/traces/conversation_trace.jsonl
-#   --prefill 5 --decode 2 --tbt-slo 0.03 --plot overload.png`: the whole trace.
+# - `python benchmarks/admission_overload.py --trace conversation --prefill 5
+#   --decode 2 --tbt-slo 0.03 --plot overload.png`: the whole trace.
 # - Chapter 10 (`10_serving.py`): the HTTP server, which runs these policies live with
 #   `--admission early|predictive --ttft-slo ... --tbt-slo ...`.
