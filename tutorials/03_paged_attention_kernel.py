@@ -5,7 +5,7 @@
 # a contiguous copy, then a matmul and a softmax. On a GPU that copy is the expensive part
 # (decode is memory-bound), so minicake's CUDA path is one Triton kernel that reads K/V
 # straight out of the paged cache, with no copy and no materialized score matrix. (On the
-# CPU the decode tokens get the same treatment from a short C loop, `kernels/cpu_kernels.c`.)
+# CPU the decode tokens get the same treatment from a short C loop, `platforms/cpu/kernels.c`.)
 #
 # How `minicake/kernels/paged_attention.py` splits the work:
 # - A *program* owns one query tile: BLOCK_Q new tokens of one sequence times the GROUP
@@ -169,8 +169,8 @@ assert torch.allclose(split, out, atol=1e-4)
 # ## Measurement
 #
 # On a CPU this only times the interpreter (numpy emulating every program), which says
-# nothing about the kernel's speed; the reference (with the C decode kernel) is the CPU's
-# real path. The number that matters, the share of the GPU's memory bandwidth that decode
+# nothing about the kernel's speed; the CPU's real path is its platform
+# (`minicake/platforms/cpu/`: C decode attention, a CPU-shaped torch attention for prefill). The number that matters, the share of the GPU's memory bandwidth that decode
 # achieves at long context, is measured by `benchmarks/kernel_bench.py` on a CUDA machine; the
 # cell below runs a small version of it only there.
 
