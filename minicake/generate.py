@@ -5,6 +5,7 @@ unless a temperature is given, the prompt wrapped in the chat template with `--c
 """
 import argparse
 import logging
+import sys
 import time
 
 from minicake.llm import LLM
@@ -24,7 +25,10 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # shows the KV cache size
 
-    llm = LLM(args.model, device=args.device)
+    try:
+        llm = LLM(args.model, device=args.device)
+    except (OSError, ValueError) as e:  # a missing or invalid model file: the error names it
+        sys.exit(f"error: {e}")
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
                             seed=args.seed)
     start = time.perf_counter()

@@ -1,13 +1,16 @@
 """Finding and loading checkpoints: defaults, and errors that name what is wrong."""
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from minicake.model.config import ModelConfig
-from minicake.model.loader import load_model, resolve_model
+from minicake.model.loader import check_weight_files, load_model, resolve_model
+from minicake.model.tokenizer import Tokenizer
 
 
 @pytest.fixture
@@ -84,6 +87,56 @@ def test_a_missing_shard_is_named(tiny_checkpoint, tmp_path):
     (sharded / "model-00002-of-00006.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model-00002-of-00006.safetensors"):
         load_model(sharded, device="cpu")
+
+
+def test_a_config_json_that_is_not_json_is_named(llama_copy):
+    (llama_copy / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], ')
+    with pytest.raises(ValueError, match=r"config\.json: not valid JSON"):
+        load_model(llama_copy, device="cpu")
+
+
+@pytest.mark.parametrize("field, value, error", [
+    ("hidden_size", '"64"', r"config\.json: 'hidden_size' must be a positive integer, got '64'"),
+    ("rms_norm_eps", "NaN", r"config\.json: 'rms_norm_eps' must be a positive number, got nan"),
+    ("num_key_value_heads", "3", r"config\.json: 4 attention heads do not split into 3 KV heads"),
+    ("vocab_size", None, r"config\.json lacks the field 'vocab_size'"),
+    ("eos_token_id", '"</s>"', r"config\.json: 'eos_token_id' must be a token id"),
+])
+def test_a_config_field_missing_or_of_the_wrong_type_is_named_with_its_file(llama_copy, field, value, error):
+    config = json.loads((llama_copy / "config.json").read_text())
+    config[field] = "VALUE"
+    if value is None:
+        del config[field]
+    (llama_copy / "config.json").write_text(json.dumps(config).replace('"VALUE"', str(value)))
+    with pytest.raises(ValueError, match=error):
+        ModelConfig.from_dir(llama_copy)
+
+
+def test_a_truncated_safetensors_file_is_named_from_its_header(llama_copy):
+    weights = llama_copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    for load in (check_weight_files, lambda path: load_model(path, device="cpu")):
+        with pytest.raises(ValueError, match=r"model\.safetensors: truncated or not a safetensors file"):
+            load(llama_copy)
+
+
+def test_a_tokenizer_json_that_does_not_parse_is_named(llama_copy):
+    (llama_copy / "tokenizer.json").write_text('{"model": ')
+    with pytest.raises(ValueError, match=r"tokenizer\.json: not a tokenizer"):
+        Tokenizer.from_dir(llama_copy)
+
+
+@pytest.mark.parametrize("cli", [["minicake.generate", "hello"]])
+def test_the_clis_end_on_a_bad_model_file_with_one_line_naming_it(llama_copy, cli):
+    weights = llama_copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    done = subprocess.run([sys.executable, "-m", *cli, "--model", str(llama_copy), "--device", "cpu"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1:] == [
+        f"error: {weights}: truncated or not a safetensors file (Error while deserializing header: "
+        "incomplete metadata, file not fully covered)"]
+    assert "Traceback" not in done.stderr
 
 
 def test_an_unknown_name_says_what_a_model_can_be(tmp_path):

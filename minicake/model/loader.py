@@ -4,16 +4,16 @@
 path, the built-in "smollm2-135m", or a hub id); `load_model` builds the decoder on the
 meta device and streams every tensor of the safetensors files straight into it (into its
 rows, for the stacked q/k/v and gate/up weights), so a checkpoint never sits in memory twice.
-No transformers at run time.
+`check_weight_files` finds a truncated or corrupt weights file from the headers alone, for a
+server to refuse it in one line before it starts a process. No transformers at run time.
 """
-import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from minicake.model.bundled import BUNDLED_NAME, bundled_model_dir
-from minicake.model.config import ModelConfig
+from minicake.model.config import ModelConfig, read_json
 from minicake.model.llama import CausalLM, StackedLinear
 
 
@@ -61,7 +61,7 @@ def load_model(path, device=None, dtype: torch.dtype | None = None) -> CausalLM:
     expected = checkpoint_tensors(model)
     loaded = set()
     for file in safetensors_files(path):
-        with safe_open(file, framework="pt", device=str(device)) as f:
+        with _safe_open(file, str(device)) as f:
             for name in f.keys():
                 if _unused(name, config):
                     continue
@@ -79,6 +79,22 @@ def load_model(path, device=None, dtype: torch.dtype | None = None) -> CausalLM:
         raise ValueError(f"{len(missing)} tensors missing from the checkpoint in {path}, first: {missing[0]!r}")
     model.eval().requires_grad_(False)
     return model
+
+
+def check_weight_files(path) -> None:
+    """Raise what `load_model(path)` would for a missing, truncated or corrupt safetensors file,
+    reading only the files' headers."""
+    for file in safetensors_files(Path(path)):
+        with _safe_open(file, "cpu"):
+            pass
+
+
+def _safe_open(file: Path, device: str):
+    """safe_open, which parses the header and checks that the file holds every tensor it lists."""
+    try:
+        return safe_open(file, framework="pt", device=device)
+    except SafetensorError as e:
+        raise ValueError(f"{file}: truncated or not a safetensors file ({e})") from None
 
 
 def checkpoint_tensors(model: CausalLM) -> dict[str, torch.Tensor]:
@@ -109,7 +125,10 @@ def safetensors_files(path: Path) -> list[Path]:
     """The checkpoint's files: those a sharded index names, or the single model.safetensors."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise ValueError(f"{index}: 'weight_map' must map tensor names to shard file names")
+        shards = sorted(set(weight_map.values()))
         files = [path / shard for shard in shards]
         for file in files:
             if not file.is_file():

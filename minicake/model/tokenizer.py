@@ -13,6 +13,8 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
+from minicake.model.config import read_json
+
 Message = dict  # {"role": "user" | "assistant" | "system", "content": str}
 
 
@@ -34,9 +36,12 @@ class Tokenizer:
         if not tokenizer_file.is_file():
             raise FileNotFoundError(f"{tokenizer_file} not found: minicake reads fast tokenizers only")
         config_file = path / "tokenizer_config.json"
-        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-        return cls(HFTokenizer.from_file(str(tokenizer_file)), config, _chat_template(path, config),
-                   _generation_eos_ids(path), path)
+        config = read_json(config_file) if config_file.is_file() else {}
+        try:
+            tokenizer = HFTokenizer.from_file(str(tokenizer_file))
+        except Exception as e:  # the tokenizers library raises a bare Exception that names no file
+            raise ValueError(f"{tokenizer_file}: not a tokenizer the tokenizers library reads ({e})") from None
+        return cls(tokenizer, config, _chat_template(path, config), _generation_eos_ids(path), path)
 
     def _special_id(self, name: str) -> int | None:
         token = self.config.get(name)
@@ -47,7 +52,9 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; a BOS is prepended only if the checkpoint asks for one. Encode
         chat-templated text with add_special_tokens=False: the template writes its own BOS."""
-        ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch releases the GIL while it works (encode does not): a long prompt
+        # tokenized in a worker thread does not stall the server's event loop
+        ids = self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         if add_special_tokens and self.add_bos and ids[:1] != [self.bos_token_id]:
             ids = [self.bos_token_id] + ids
         return ids
@@ -85,7 +92,7 @@ def _chat_template(path: Path, config: dict) -> str | None:
 
 def _generation_eos_ids(path: Path) -> set[int]:
     gen_file = path / "generation_config.json"
-    eos = json.loads(gen_file.read_text()).get("eos_token_id") if gen_file.is_file() else None
+    eos = read_json(gen_file).get("eos_token_id") if gen_file.is_file() else None
     return set() if eos is None else set(eos if isinstance(eos, list) else [eos])
 
 
