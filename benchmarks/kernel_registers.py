@@ -27,7 +27,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from minicake.kernels.paged_attention import _paged_attention_kernel, launch_config  # noqa: E402
 
-INDEX_PTRS = ("block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr")
+INDEX_PTRS = ("block_tables_ptr", "context_lens_ptr", "query_start_loc_ptr")
 FP32_PTRS = ("m_ptr", "l_ptr")
 # strides that are multiples of head_dim in every real launch, so Triton's launcher marks them
 # divisible by 16 (what lets it vectorise the loads); pointers from torch are 16-byte aligned too

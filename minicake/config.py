@@ -8,6 +8,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+KERNELS = ("auto", "torch", "triton")  # the platforms of minicake/platforms, by the kernels they run
+
 
 def cache_dir() -> Path:
     """`$MINICAKE_CACHE`, default `~/.cache/minicake`, created on first use."""
@@ -53,8 +55,8 @@ class EngineConfig:
                              f"got {self.kv_transfer_timeout!r}")
         if not 0 < self.kv_cache_fraction <= 1:
             raise ValueError(f"EngineConfig.kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction!r}")
-        if self.kernels not in ("auto", "torch", "triton"):
-            raise ValueError(f"EngineConfig.kernels must be 'auto', 'torch' or 'triton', got {self.kernels!r}")
+        if self.kernels not in KERNELS:
+            raise ValueError(f"EngineConfig.kernels must be one of {KERNELS}, got {self.kernels!r}")
         if self.device is not None and not isinstance(self.device, str):
             raise ValueError(f"EngineConfig.device must be a string like 'cpu' or 'cuda:0', got {self.device!r}")
         if self.dtype not in (None, "float32", "bfloat16", "float16"):

@@ -17,9 +17,9 @@ spec.loader.exec_module(bench)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.mark.parametrize("seq_len, q_len", [(40, 1), (24, 24)], ids=["decode", "prefill"])
-def test_benchmark_feeds_kernel_and_sdpa_the_same_attention(seq_len, q_len):
-    case = bench.make_case(batch=2, seq_len=seq_len, q_len=q_len, dtype=torch.float32, device=DEVICE,
+@pytest.mark.parametrize("context_len, q_len", [(40, 1), (24, 24)], ids=["decode", "prefill"])
+def test_benchmark_feeds_kernel_and_sdpa_the_same_attention(context_len, q_len):
+    case = bench.make_case(batch=2, context_len=context_len, q_len=q_len, dtype=torch.float32, device=DEVICE,
                            num_q_heads=4, num_kv_heads=2, head_dim=64)
     expected = bench.run_sdpa(case)
     torch.testing.assert_close(paged_attention_ref(*case.paged), expected, atol=1e-4, rtol=1e-4)

@@ -18,8 +18,8 @@ BF16_TOL = dict(atol=2e-2, rtol=2e-2)
 
 @dataclass
 class PagedBatch:
-    args: tuple  # (q, k_cache, v_cache, block_tables, seq_lens, query_start_loc)
-    ks: list  # per sequence, contiguous K: [seq_len, num_kv_heads, head_dim]
+    args: tuple  # (q, k_cache, v_cache, block_tables, context_lens, query_start_loc)
+    ks: list  # per sequence, contiguous K: [context_len, num_kv_heads, head_dim]
     vs: list
 
 
@@ -27,8 +27,8 @@ def make_batch(seqs, group=3, num_kv_heads=2, head_dim=64, block_size=16, dtype=
     """seqs: (num_cached, num_new) per sequence. Physical blocks are a random permutation, and
     every slot no sequence owns holds NaN, so reading one poisons the output."""
     gen = torch.Generator().manual_seed(len(seqs) * 1000 + group)
-    seq_lens = [cached + new for cached, new in seqs]
-    blocks_per_seq = [-(-n // block_size) for n in seq_lens]
+    context_lens = [cached + new for cached, new in seqs]
+    blocks_per_seq = [-(-n // block_size) for n in context_lens]
     num_blocks = sum(blocks_per_seq) + 2
     physical = torch.randperm(num_blocks, generator=gen).to(torch.int32)
     cache_shape = (num_blocks, block_size, num_kv_heads, head_dim)
@@ -36,30 +36,30 @@ def make_batch(seqs, group=3, num_kv_heads=2, head_dim=64, block_size=16, dtype=
     v_cache = torch.full(cache_shape, float("nan"), dtype=dtype)
     block_tables = torch.full((len(seqs), max(blocks_per_seq) + 1), -1, dtype=torch.int32)
     ks, vs, used = [], [], 0
-    for s, (seq_len, num) in enumerate(zip(seq_lens, blocks_per_seq)):
+    for s, (context_len, num) in enumerate(zip(context_lens, blocks_per_seq)):
         block_tables[s, :num] = physical[used:used + num]
         used += num
-        k = torch.randn(seq_len, num_kv_heads, head_dim, generator=gen).to(dtype)
-        v = torch.randn(seq_len, num_kv_heads, head_dim, generator=gen).to(dtype)
-        pos = torch.arange(seq_len)
+        k = torch.randn(context_len, num_kv_heads, head_dim, generator=gen).to(dtype)
+        v = torch.randn(context_len, num_kv_heads, head_dim, generator=gen).to(dtype)
+        pos = torch.arange(context_len)
         store_kv_ref(k, v, k_cache, v_cache, block_tables[s, pos // block_size].long() * block_size + pos % block_size)
         ks.append(k)
         vs.append(v)
     q = torch.randn(sum(new for _, new in seqs), num_kv_heads * group, head_dim, generator=gen).to(dtype)
     query_start_loc = torch.tensor([0] + [new for _, new in seqs]).cumsum(0).to(torch.int32)
-    args = (q, k_cache, v_cache, block_tables, torch.tensor(seq_lens, dtype=torch.int32), query_start_loc)
+    args = (q, k_cache, v_cache, block_tables, torch.tensor(context_lens, dtype=torch.int32), query_start_loc)
     return PagedBatch(tuple(t.to(DEVICE) for t in args), ks, vs)
 
 
 def dense_causal_attention(q, k, v, scale):
-    """q: [q_len, num_q_heads, head_dim], the last q_len positions of k, v: [seq_len, num_kv_heads, head_dim]."""
-    q_len, seq_len = q.shape[0], k.shape[0]
+    """q: [q_len, num_q_heads, head_dim], the last q_len positions of k, v: [context_len, num_kv_heads, head_dim]."""
+    q_len, context_len = q.shape[0], k.shape[0]
     group = q.shape[1] // k.shape[1]
     q, k, v = (t.float().transpose(0, 1) for t in (q, k, v))  # [heads, tokens, head_dim]
-    k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)  # [num_q_heads, seq_len, head_dim]
-    scores = (q @ k.transpose(1, 2)) * scale  # [num_q_heads, q_len, seq_len]
-    q_pos = torch.arange(seq_len - q_len, seq_len)
-    future = torch.arange(seq_len)[None, :] > q_pos[:, None]  # [q_len, seq_len]
+    k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)  # [num_q_heads, context_len, head_dim]
+    scores = (q @ k.transpose(1, 2)) * scale  # [num_q_heads, q_len, context_len]
+    q_pos = torch.arange(context_len - q_len, context_len)
+    future = torch.arange(context_len)[None, :] > q_pos[:, None]  # [q_len, context_len]
     probs = scores.masked_fill(future, float("-inf")).softmax(-1)
     return (probs @ v).transpose(0, 1)  # [q_len, num_q_heads, head_dim]
 
@@ -141,20 +141,20 @@ def test_explicit_scale_is_used():
 
 
 def test_bad_inputs_are_named_in_the_error():
-    q, k_cache, v_cache, block_tables, seq_lens, query_start_loc = make_batch([(3, 2)], group=1).args
+    q, k_cache, v_cache, block_tables, context_lens, query_start_loc = make_batch([(3, 2)], group=1).args
     with pytest.raises(ValueError, match="block_tables must be int32"):
-        paged_attention(q, k_cache, v_cache, block_tables.long(), seq_lens, query_start_loc)
+        paged_attention(q, k_cache, v_cache, block_tables.long(), context_lens, query_start_loc)
     with pytest.raises(ValueError, match="num_q_heads a multiple of num_kv_heads"):
-        paged_attention(q[:, :1], k_cache, v_cache, block_tables, seq_lens, query_start_loc)
+        paged_attention(q[:, :1], k_cache, v_cache, block_tables, context_lens, query_start_loc)
     with pytest.raises(ValueError, match="must share one of"):
-        paged_attention(q.double(), k_cache, v_cache, block_tables, seq_lens, query_start_loc)
+        paged_attention(q.double(), k_cache, v_cache, block_tables, context_lens, query_start_loc)
 
 
 def run_model_attention(attention: PagedAttention, seqs=MIXED) -> torch.Tensor:
     """One step of the model's attention module over `seqs`: the cached prefixes are in the
     cache (every other slot NaN), the step's new K/V are not yet: the module stores them first."""
     batch = make_batch(seqs, group=3)
-    q, k_cache, v_cache, block_tables, seq_lens, query_start_loc = batch.args
+    q, k_cache, v_cache, block_tables, context_lens, query_start_loc = batch.args
     new_k = torch.cat([k[-n:] for k, (_, n) in zip(batch.ks, seqs)]).to(DEVICE)
     new_v = torch.cat([v[-n:] for v, (_, n) in zip(batch.vs, seqs)]).to(DEVICE)
     block_size = k_cache.shape[1]
@@ -166,7 +166,7 @@ def run_model_attention(attention: PagedAttention, seqs=MIXED) -> torch.Tensor:
         p = torch.arange(seqs[s][0], device=DEVICE)
         store_kv_ref(k[:len(p)].to(DEVICE), v[:len(p)].to(DEVICE), *caches,
                      block_tables[s, p // block_size].long() * block_size + p % block_size)
-    return attention(q, new_k, new_v, *caches, AttentionMetadata(query_start_loc, seq_lens, block_tables, slot_mapping))
+    return attention(q, new_k, new_v, *caches, AttentionMetadata(query_start_loc, context_lens, block_tables, slot_mapping))
 
 
 def test_the_models_attention_with_triton_kernels_equals_its_torch_ops():

@@ -88,8 +88,8 @@ assert torch.allclose(online, full, atol=1e-5)
 # %%
 num_kv_heads, group, head_dim, block_size = 2, 3, 32, 16
 seqs = {"decode": (40, 1), "chunk": (23, 9)}  # name: (cached tokens, new tokens)
-seq_lens = [cached + new for cached, new in seqs.values()]
-blocks_per_seq = [-(-n // block_size) for n in seq_lens]
+context_lens = [cached + new for cached, new in seqs.values()]
+blocks_per_seq = [-(-n // block_size) for n in context_lens]
 num_blocks = sum(blocks_per_seq) + 2
 physical = torch.randperm(num_blocks, generator=gen).to(torch.int32)
 block_tables = torch.full((len(seqs), max(blocks_per_seq)), -1, dtype=torch.int32)  # [num_seqs, max_blocks]
@@ -97,13 +97,13 @@ cache_shape = (num_blocks, block_size, num_kv_heads, head_dim)
 k_cache, v_cache = torch.full(cache_shape, float("nan")), torch.full(cache_shape, float("nan"))
 k_ref, v_ref = k_cache.clone(), v_cache.clone()
 ks, vs, used = [], [], 0
-for s, (n, nb) in enumerate(zip(seq_lens, blocks_per_seq)):
+for s, (n, nb) in enumerate(zip(context_lens, blocks_per_seq)):
     block_tables[s, :nb] = physical[used:used + nb]
     used += nb
-    k = torch.randn(n, num_kv_heads, head_dim, generator=gen)  # [seq_len, num_kv_heads, head_dim]
+    k = torch.randn(n, num_kv_heads, head_dim, generator=gen)  # [context_len, num_kv_heads, head_dim]
     v = torch.randn(n, num_kv_heads, head_dim, generator=gen)
     pos = torch.arange(n)
-    slot_mapping = block_tables[s, pos // block_size].long() * block_size + pos % block_size  # [seq_len]
+    slot_mapping = block_tables[s, pos // block_size].long() * block_size + pos % block_size  # [context_len]
     store_kv(k.to(device), v.to(device), k_cache, v_cache, slot_mapping)  # Triton
     store_kv_ref(k, v, k_ref, v_ref, slot_mapping)  # torch
     ks.append(k)
@@ -113,9 +113,9 @@ assert torch.equal(v_cache.nan_to_num(7.0), v_ref.nan_to_num(7.0))
 q_lens = [new for _, new in seqs.values()]
 q = torch.randn(sum(q_lens), num_kv_heads * group, head_dim, generator=gen)  # [num_tokens, num_q_heads, head_dim]
 query_start_loc = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)  # [num_seqs + 1]
-seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32)  # [num_seqs]
+context_lens_t = torch.tensor(context_lens, dtype=torch.int32)  # [num_seqs]
 print(f"q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}")
-print(f"block_tables\n{block_tables}\nseq_lens {seq_lens}, query_start_loc {query_start_loc.tolist()}")
+print(f"block_tables\n{block_tables}\ncontext_lens {context_lens}, query_start_loc {query_start_loc.tolist()}")
 
 # %% [markdown]
 # ## The launch
@@ -134,7 +134,7 @@ num_q_tiles = sum(q_lens) // block_q + len(seqs)
 print(f"BLOCK_M {block_m} rows = BLOCK_Q {block_q} tokens x GROUP {group} heads (padded), BLOCK_N {block_n}, "
       f"{num_warps} warps; grid = ({num_q_tiles} query tiles, {num_kv_heads} KV heads, splits)")
 start = time.perf_counter()
-out = paged_attention(q, k_cache, v_cache, block_tables, seq_lens_t, query_start_loc)  # [num_tokens, num_q_heads, head_dim]
+out = paged_attention(q, k_cache, v_cache, block_tables, context_lens_t, query_start_loc)  # [num_tokens, num_q_heads, head_dim]
 kernel_s = time.perf_counter() - start
 print(f"out {tuple(out.shape)}, any NaN: {bool(out.isnan().any())}")
 
@@ -144,24 +144,24 @@ print(f"out {tuple(out.shape)}, any NaN: {bool(out.isnan().any())}")
 # 1. `paged_attention_ref`, minicake's own torch version (the CPU path of chapter 2).
 # 2. Plain dense causal attention over each sequence's *contiguous* K/V, written here with
 #    `F.scaled_dot_product_attention`: no blocks at all. Token i of a chunk of q_len new
-#    tokens sits at position seq_len - q_len + i and sees keys 0..that position.
+#    tokens sits at position context_len - q_len + i and sees keys 0..that position.
 #
 # Then a flash-decoding split: the same call with the key range cut over 2 programs per
 # query tile must give the same output.
 
 # %%
-ref = paged_attention_ref(q, k_ref, v_ref, block_tables, seq_lens_t, query_start_loc)
+ref = paged_attention_ref(q, k_ref, v_ref, block_tables, context_lens_t, query_start_loc)
 dense = []
-for s, (n, q_len) in enumerate(zip(seq_lens, q_lens)):
+for s, (n, q_len) in enumerate(zip(context_lens, q_lens)):
     qs = q[query_start_loc[s]:query_start_loc[s + 1]].transpose(0, 1)  # [num_q_heads, q_len, head_dim]
-    k = ks[s].repeat_interleave(group, 1).transpose(0, 1)  # [num_q_heads, seq_len, head_dim]
+    k = ks[s].repeat_interleave(group, 1).transpose(0, 1)  # [num_q_heads, context_len, head_dim]
     v = vs[s].repeat_interleave(group, 1).transpose(0, 1)
-    visible = torch.arange(n)[None, :] <= torch.arange(n - q_len, n)[:, None]  # [q_len, seq_len]
+    visible = torch.arange(n)[None, :] <= torch.arange(n - q_len, n)[:, None]  # [q_len, context_len]
     dense.append(F.scaled_dot_product_attention(qs, k, v, attn_mask=visible).transpose(0, 1))
 dense = torch.cat(dense)  # [num_tokens, num_q_heads, head_dim]
 print(f"max |kernel - reference| {(out - ref).abs().max():.1e}, max |kernel - dense| {(out - dense).abs().max():.1e}")
 assert torch.allclose(out, ref, atol=1e-4) and torch.allclose(out, dense, atol=1e-4)
-split = paged_attention(q, k_cache, v_cache, block_tables, seq_lens_t, query_start_loc, num_splits=2)
+split = paged_attention(q, k_cache, v_cache, block_tables, context_lens_t, query_start_loc, num_splits=2)
 print(f"max |2 KV splits - 1 split| {(split - out).abs().max():.1e}")
 assert torch.allclose(split, out, atol=1e-4)
 
@@ -176,7 +176,7 @@ assert torch.allclose(split, out, atol=1e-4)
 
 # %%
 start = time.perf_counter()
-paged_attention_ref(q, k_ref, v_ref, block_tables, seq_lens_t, query_start_loc)
+paged_attention_ref(q, k_ref, v_ref, block_tables, context_lens_t, query_start_loc)
 ref_s = time.perf_counter() - start
 print(f"this batch: Triton kernel {kernel_s * 1e3:.1f} ms ({'interpreted' if device == 'cpu' else 'incl. compile'}), "
       f"torch reference {ref_s * 1e3:.1f} ms")

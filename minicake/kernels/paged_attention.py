@@ -68,7 +68,7 @@ def _paged_attention_kernel(
     q_ptr,  # [num_tokens, num_q_heads, HEAD_DIM]
     k_cache_ptr, v_cache_ptr,  # [num_blocks, BLOCK_SIZE, num_kv_heads, HEAD_DIM]
     block_tables_ptr,  # [num_seqs, max_blocks_per_seq] int32
-    seq_lens_ptr,  # [num_seqs] int32, cached context + new tokens
+    context_lens_ptr,  # [num_seqs] int32, cached context + new tokens
     query_start_loc_ptr,  # [num_seqs + 1] int32
     num_seqs, qk_scale,  # qk_scale = scale * log2(e): the softmax runs in base 2
     stride_q_t, stride_q_h,
@@ -93,8 +93,8 @@ def _paged_attention_kernel(
     q_tile_local = q_tile_idx - (q_start // BLOCK_Q + seq_idx)
     if q_tile_local * BLOCK_Q >= q_len:  # a spare program of the grid's upper bound
         return
-    seq_len = tl.load(seq_lens_ptr + seq_idx)
-    context_len = seq_len - q_len  # tokens that were cached before this step
+    context_len = tl.load(context_lens_ptr + seq_idx)
+    num_cached = context_len - q_len  # tokens that were cached before this step
 
     # row m of the tile is new token m // GROUP under query head m % GROUP
     offs_m = tl.arange(0, BLOCK_M)  # [BLOCK_M]
@@ -102,12 +102,12 @@ def _paged_attention_kernel(
     q_idx = q_tile_local * BLOCK_Q + offs_m // GROUP  # [BLOCK_M] index among the new tokens
     head = kv_head * GROUP + offs_m % GROUP  # [BLOCK_M] query head
     row_ok = (offs_m < BLOCK_Q * GROUP) & (q_idx < q_len)  # [BLOCK_M]
-    q_pos = context_len + q_idx  # [BLOCK_M] absolute position: sees keys 0..q_pos
+    q_pos = num_cached + q_idx  # [BLOCK_M] absolute position: sees keys 0..q_pos
     q_offs = (q_start + q_idx)[:, None] * stride_q_t + head[:, None] * stride_q_h + offs_d[None, :]
     q = tl.load(q_ptr + q_offs, mask=row_ok[:, None], other=0.0).to(DOT_DTYPE)  # [BLOCK_M, HEAD_DIM]
 
     # KV tiles up to the tile's last position, cut into NUM_SPLITS contiguous shares
-    last_pos = context_len + tl.minimum((q_tile_local + 1) * BLOCK_Q, q_len) - 1
+    last_pos = num_cached + tl.minimum((q_tile_local + 1) * BLOCK_Q, q_len) - 1
     num_tiles = tl.cdiv(last_pos + 1, BLOCK_N)
     tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
     tile_lo = split * tiles_per_split
@@ -119,7 +119,7 @@ def _paged_attention_kernel(
     block_table_ptr = block_tables_ptr + seq_idx * stride_bt_s
     for tile in range(tile_lo, tile_hi):
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions
-        kv_ok = offs_n < seq_len  # [BLOCK_N]
+        kv_ok = offs_n < context_len  # [BLOCK_N]
         # physical block and offset of every key: [BLOCK_N]
         block = tl.load(block_table_ptr + offs_n // BLOCK_SIZE, mask=kv_ok, other=0).to(tl.int64)
         offset = offs_n % BLOCK_SIZE
@@ -166,14 +166,14 @@ def _combine_splits_kernel(
     tl.store(out_ptr + token * stride_o_t + head * stride_o_h + offs_d, out.to(out_ptr.dtype.element_ty))
 
 
-def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale=None,
+def paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale=None,
                     num_splits=None):
     """Same contract as `reference.paged_attention_ref`. `num_splits` (a power of two) cuts every
     query tile's KV range over that many programs; None picks it from shapes and the device."""
-    _check_inputs(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc)
+    _check_inputs(q, k_cache, v_cache, block_tables, context_lens, query_start_loc)
     num_tokens, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
-    num_seqs = seq_lens.shape[0]
+    num_seqs = context_lens.shape[0]
     group = num_q_heads // num_kv_heads
     scale = head_dim ** -0.5 if scale is None else scale
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -195,7 +195,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc
         l = torch.empty_like(m)
         stride_o_s, stride_ml_s, stride_ml_t = dest.stride(0), m.stride(0), m.stride(1)
     _paged_attention_kernel[(num_q_tiles, num_kv_heads, num_splits)](
-        dest, m, l, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+        dest, m, l, q, k_cache, v_cache, block_tables, context_lens, query_start_loc,
         num_seqs, scale * LOG2_E,
         q.stride(0), q.stride(1),
         stride_o_s, dest.stride(-3), dest.stride(-2),
@@ -244,7 +244,7 @@ def default_num_splits(num_programs: int, max_context: int, num_sms: int) -> int
     return num_splits
 
 
-def _check_inputs(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc):
+def _check_inputs(q, k_cache, v_cache, block_tables, context_lens, query_start_loc):
     if q.dim() != 3 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
         raise ValueError(f"want q [num_tokens, num_q_heads, head_dim] and k_cache, v_cache "
                          f"[num_blocks, block_size, num_kv_heads, head_dim], got q {tuple(q.shape)}, "
@@ -261,14 +261,14 @@ def _check_inputs(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc):
                          f"{q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
     if q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
         raise ValueError("q, k_cache and v_cache need a contiguous last (head_dim) dimension")
-    for name, t in (("block_tables", block_tables), ("seq_lens", seq_lens), ("query_start_loc", query_start_loc)):
+    for name, t in (("block_tables", block_tables), ("context_lens", context_lens), ("query_start_loc", query_start_loc)):
         if t.dtype != torch.int32 or t.device != q.device:
             raise ValueError(f"{name} must be int32 on {q.device}, got {t.dtype} on {t.device}")
-    if block_tables.dim() != 2 or block_tables.shape[0] != seq_lens.shape[0] or seq_lens.dim() != 1:
-        raise ValueError(f"want block_tables [num_seqs, max_blocks] and seq_lens [num_seqs], got "
-                         f"{tuple(block_tables.shape)} and {tuple(seq_lens.shape)}")
-    if query_start_loc.shape != (seq_lens.shape[0] + 1,) or query_start_loc.stride(0) != 1 or seq_lens.stride(0) != 1:
-        raise ValueError(f"query_start_loc must be contiguous [num_seqs + 1] = [{seq_lens.shape[0] + 1}], "
+    if block_tables.dim() != 2 or block_tables.shape[0] != context_lens.shape[0] or context_lens.dim() != 1:
+        raise ValueError(f"want block_tables [num_seqs, max_blocks] and context_lens [num_seqs], got "
+                         f"{tuple(block_tables.shape)} and {tuple(context_lens.shape)}")
+    if query_start_loc.shape != (context_lens.shape[0] + 1,) or query_start_loc.stride(0) != 1 or context_lens.stride(0) != 1:
+        raise ValueError(f"query_start_loc must be contiguous [num_seqs + 1] = [{context_lens.shape[0] + 1}], "
                          f"got {tuple(query_start_loc.shape)}")
     if block_tables.stride(1) != 1:
         raise ValueError("block_tables needs a contiguous last dimension")

@@ -15,8 +15,9 @@ import logging
 import torch
 from torch import nn
 
+from minicake.config import KERNELS
+
 logger = logging.getLogger("minicake")
-KERNELS = ("auto", "torch", "triton")
 
 
 def apply_platform(model: nn.Module, device: torch.device, kernels: str) -> str:
