@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from minicake.sched.cost_model import CostModel, fit_profile, load_profile, paper_70b
+from minicake.sched.cost_model import CostModel, calibrate, fit_profile, load_profile, paper_70b
 
 L, D = 80, 8192
 NODE_FLOPS = 8 * 312e12 * 0.5  # 8 A800 at the assumed 50% MFU
@@ -47,6 +47,21 @@ def test_fit_recovers_a_known_polynomial():
         assert fitted.prefill_time(n, c) == pytest.approx(t, rel=1e-6)
     for b, k, t in decode:
         assert fitted.decode_step_time(b, k) == pytest.approx(t, rel=1e-6)
+
+
+def test_calibration_rescales_a_profile_twice_too_slow_to_the_measured_times():
+    machine = CostModel("this machine", prefill_coef=(0.016, 1e-3, -1e-3, 3e-7, -3e-7), decode_coef=(0.01, 5e-4, 1e-6),
+                        transfer_s_per_block=1e-3, block_size=16, kv_capacity_tokens=4096)
+    fitted_elsewhere = CostModel("fitted elsewhere", tuple(2 * c for c in machine.prefill_coef),
+                                 tuple(2 * c for c in machine.decode_coef), 1e-3, 16, 4096)
+    noise = (1.02, 0.98, 1.01)  # start-up timings are a few % off their mean
+    prefill = [(n, 0, machine.prefill_time(n, 0) * e) for n, e in zip((64, 256), noise)]
+    decode = [(1, t, machine.decode_step_time(1, t) * e) for t, e in zip((67, 68, 69), noise)]
+    calibrated, line = calibrate(fitted_elsewhere, prefill, decode)
+    assert calibrated.prefill_time(1000, 0) == pytest.approx(machine.prefill_time(1000, 0), rel=0.03)
+    assert calibrated.decode_step_time(8, 4000) == pytest.approx(machine.decode_step_time(8, 4000), rel=0.03)
+    assert "prefill (64, 0) + (256, 0) measured" in line and "x0.50" in line
+    assert calibrate(fitted_elsewhere, prefill, [])[0].decode_coef == fitted_elsewhere.decode_coef  # not measured: kept
 
 
 def test_a_saved_profile_loads_back(tmp_path):

@@ -6,11 +6,12 @@ instances. Every profile has the same polynomial form, so the analytic `paper-70
 and a profile fitted by least squares to measured timings (a JSON file written by
 `benchmarks/fit_cost_model.py`) are one class. A fitted profile also says how much decode
 steps of one shape vary (`decode_step_cv`), which the paper's TBT, the slowest 10% of a
-request's gaps, feels.
+request's gaps, feels. `calibrate` rescales a profile to a few timings measured on the machine
+that serves (the live cluster checks its profile so at start-up).
 """
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 # prefill(N, C) = sum coef * N^i * C^j. The paper's FLOP count with n = N - C tokens computed,
@@ -132,3 +133,32 @@ def fit_profile(name: str, prefill_samples: list[tuple[int, int, float]],
                      decode_coef=lstsq(decode_samples, DECODE_TERMS, "decode"),
                      transfer_s_per_block=transfer_s_per_block, block_size=block_size,
                      kv_capacity_tokens=kv_capacity_tokens, decode_step_cv=decode_step_cv)
+
+
+def calibrate(profile: CostModel, prefill_samples: list[tuple[int, int, float]],
+              decode_samples: list[tuple[int, int, float]]) -> tuple[CostModel, str]:
+    """The profile rescaled to timings measured on this machine, and a line saying by how much.
+
+    Samples as for `fit_profile`. The prefill coefficients are multiplied by the measured
+    seconds over the predicted ones (both summed over the samples), the decode coefficients
+    likewise: the profile keeps its shape and takes the machine's speed. A side without samples
+    keeps its coefficients.
+    """
+    prefill_f, prefill_line = _factor("prefill", prefill_samples, lambda n, c: profile.prefill_time(n, c))
+    decode_f, decode_line = _factor("decode step", decode_samples, profile.decode_step_time)
+    scaled = replace(profile, prefill_coef=tuple(c * prefill_f for c in profile.prefill_coef),
+                     decode_coef=tuple(c * decode_f for c in profile.decode_coef))
+    return scaled, f"{prefill_line}; {decode_line}"
+
+
+def _factor(what: str, samples: list[tuple[int, int, float]], predict) -> tuple[float, str]:
+    """measured / predicted over the samples, and the figures."""
+    if not samples:
+        return 1.0, f"{what}: not measured, kept"
+    measured = sum(s for _, _, s in samples)
+    predicted = sum(predict(a, b) for a, b, _ in samples)
+    if predicted <= 0:
+        return 1.0, f"{what}: measured {measured:.3f} s but the profile predicts 0 s, kept"
+    shapes = " + ".join(f"({a}, {b})" for a, b, _ in samples)
+    return measured / predicted, (f"{what} {shapes} measured {measured:.4g} s, predicted {predicted:.4g} s: "
+                                  f"x{measured / predicted:.2f}")

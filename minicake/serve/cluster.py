@@ -9,6 +9,7 @@ watches the processes: when one dies, every request it touched finishes with "ab
 error, and the survivors free those requests' blocks.
 """
 import itertools
+import logging
 import os
 import queue
 import threading
@@ -29,13 +30,14 @@ from minicake.sampling import SamplingParams
 from minicake.serve.instance import InstanceSpec, run_instance
 from minicake.serve.launcher import launch, stop
 from minicake.sched.conductor import ConductorConfig
-from minicake.sched.cost_model import CostModel, load_profile
+from minicake.sched.cost_model import CostModel, calibrate, load_profile
 from minicake.sched.live import LiveConductor
 from minicake.serve.messages import (PARENT, Abort, Crashed, HeldBlocks, Mailbox, NewRequest, Outputs, Ready, Shutdown,
                                      Stats, make_pipes)
 from minicake.serve.protocol import RequestRejected
 
 START_TIMEOUT_S = 300.0  # every instance loads its model and reports Ready within this
+log = logging.getLogger("minicake")
 DEFAULT_PROFILE = str(Path(__file__).parent.parent / "sched" / "profiles" / "smollm2-135m-cpu.json")
 EMPTY_STATS = {"num_running": 0, "num_waiting": 0, "kv_usage": 0.0, "num_free_blocks": 0, "num_blocks": 0,
                "prefix_queries_tokens": 0, "prefix_hits_tokens": 0, "num_preemptions": 0}
@@ -100,22 +102,29 @@ class Cluster:
                 Mailbox(incoming, outgoing).close()
         self._mailbox = Mailbox(*ends[PARENT])
         try:
-            self._wait_ready()
+            prefill_timings, decode_timings = self._wait_ready()
         except BaseException:
             self.close()
             raise
         if self.prefill_groups:
+            self.cost, report = calibrate(self.cost, prefill_timings, decode_timings)
+            log.info("cost profile %s against this machine's start-up timings: %s; the Conductor "
+                     "predicts with the profile so rescaled", self.cost.name, report)
             capacity = [self._num_blocks[r] * config.block_size for r in self.decode_ranks]
             self.conductor = LiveConductor(self.conductor_config, self.cost, len(self.prefill_groups), capacity)
         self._pump_thread = threading.Thread(target=self._pump, name="cluster-outbox", daemon=True)
         self._pump_thread.start()
 
-    def _wait_ready(self) -> None:
+    def _wait_ready(self) -> tuple[list, list]:
+        """Every instance's Ready; returns their start-up (prefill, decode) timings, all ranks together."""
         deadline = time.monotonic() + START_TIMEOUT_S
+        prefill_timings, decode_timings = [], []
         while len(self._num_blocks) < len(self.specs):
             for msg in self._mailbox.receive(timeout=0.5):
                 if isinstance(msg, Ready):
                     self._num_blocks[msg.rank] = msg.num_blocks
+                    prefill_timings += msg.prefill_timings
+                    decode_timings += msg.decode_timings
                 elif isinstance(msg, Crashed):
                     raise RuntimeError(f"instance rank {msg.rank} failed to start:\n{msg.error}")
             dead = [p for p in self.procs if not p.is_alive()]
@@ -123,6 +132,7 @@ class Cluster:
                 raise RuntimeError(f"instance process {dead[0].name} exited with code {dead[0].exitcode} while starting")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"instances did not start within {START_TIMEOUT_S:.0f}s")
+        return prefill_timings, decode_timings
 
     def close(self) -> None:
         """End every instance process; returns within a bounded time whatever their state."""

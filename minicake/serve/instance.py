@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from minicake.config import EngineConfig
 from minicake.engine import Engine, StepOutput
+from minicake.serve.calibration import startup_timings
 from minicake.serve.messages import PARENT, Abort, Crashed, Mailbox, NewRequest, Outputs, Ready, Shutdown, Stats
 
 STATS_PERIOD_S = 0.2  # a busy instance reports its stats at most this often
@@ -105,7 +106,8 @@ def run_instance(rank: int, spec: InstanceSpec, config: EngineConfig, pipe_ends:
     code = 0
     try:
         instance = build_instance(spec, config, mailbox)
-        mailbox.send(PARENT, Ready(rank, instance.engine.block_manager.num_blocks))
+        timings = startup_timings(spec.role, spec.stage, instance.engine)  # checks the Conductor's cost profile
+        mailbox.send(PARENT, Ready(rank, instance.engine.block_manager.num_blocks, *timings))
         instance.serve()
     except Exception:  # noqa: BLE001 - the parent turns this into aborted requests
         mailbox.send(PARENT, Crashed(rank, traceback.format_exc()))
