@@ -9,6 +9,7 @@ from minicake.cache.block_keys import block_keys
 from minicake.sched.conductor import (BlockIndex, Conductor, ConductorConfig, DecodeMember, DecodeState,
                                       PrefillState, Request, request_from_tokens)
 from minicake.sched.cost_model import CostModel
+from minicake.sched.live import LiveConductor
 
 TOY = CostModel("toy", prefill_coef=(0.0, 1e-3, -1e-3, 0.0, 0.0), decode_coef=(0.01, 0.0, 1e-6),
                 transfer_s_per_block=0.01, block_size=4, kv_capacity_tokens=1000)
@@ -123,6 +124,34 @@ def test_decode_instance_with_the_lowest_predicted_tbt_and_room_is_chosen():
 def test_no_admission_control_admits_a_hopeless_request():
     conductor, _ = cluster(admission="none", ttft_slo_s=0.001)
     assert conductor.schedule(request(), now=0.0).admitted
+
+
+def test_a_request_that_breaks_the_ttft_slo_even_alone_is_unreachable_not_overloaded():
+    conductor, _ = cluster(admission="early", ttft_slo_s=0.03)
+    d = conductor.schedule(request(blocks=8), now=0.0)  # 32 tokens: 32 ms of prefill on an idle cluster
+    assert not d.admitted and d.unreachable and d.reason == "TTFT SLO unreachable"
+    assert d.ttft_s == pytest.approx(0.032) and d.tbt_s == pytest.approx(0.01 + 32e-6)  # both alone
+    conductor.prefill[0].busy_until_s = conductor.prefill[1].busy_until_s = 0.02
+    d = conductor.schedule(request(1, blocks=4), now=0.0)  # 16 ms alone, but 36 ms behind the queues
+    assert d.reason == "prefill overloaded" and not d.unreachable
+
+
+def test_a_request_that_breaks_the_tbt_slo_even_in_a_batch_of_its_own_is_unreachable():
+    conductor, _ = cluster(admission="predictive", tbt_slo_s=0.01)  # a step alone takes 10 ms + 1 us per token
+    d = conductor.schedule(request(), now=0.0)
+    assert d.reason == "TBT SLO unreachable" and d.tbt_s == pytest.approx(0.01 + 32e-6)
+    assert conductor.decode[0].reserved_tokens == 0 and conductor.prefill[0].busy_until_s == 0.0, "nothing committed"
+
+
+def test_retry_after_is_when_the_predicted_queue_has_drained_enough_to_meet_the_slo():
+    live = LiveConductor(ConductorConfig(admission="early", ttft_slo_s=0.5, block_size=4), TOY, 1, [1000])
+    waits = []
+    for queue_s in (1.0, 4.0, 9.0):
+        live.prefill[0].busy_until_s = live.now() + queue_s
+        d = live.schedule(f"r{queue_s}", list(range(200)), 4)  # 0.2 s of prefill: the SLO is met 0.3 s early
+        assert d.reason == "prefill overloaded" and d.ttft_s == pytest.approx(queue_s + 0.2, abs=0.01)
+        waits.append(live.retry_after_s(d))
+    assert waits == [1, 4, 9]  # the queue less 0.3 s, rounded up to whole seconds
 
 
 def test_every_policy_rejects_when_no_decode_instance_has_kv_room():

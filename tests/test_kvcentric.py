@@ -70,9 +70,10 @@ def test_a_dead_prefill_instance_leaves_the_index_and_is_never_chosen():
 
 
 def test_early_admission_rejects_when_the_predicted_ttft_breaks_the_slo():
-    c = live(admission="early", ttft_slo_s=0.5)
-    d = c.schedule("long", list(range(80)), 4)  # 0.8 s of prefill predicted
-    assert not d.admitted and d.reason == "prefill overloaded" and c.retry_after_s(d) >= 1.0
+    c = live(admission="early", ttft_slo_s=0.5, num_prefill=1)
+    c.prefill[0].busy_until_s = c.now() + 0.4
+    d = c.schedule("queued", list(range(20)), 4)  # 0.2 s of prefill behind 0.4 s of queue
+    assert not d.admitted and d.reason == "prefill overloaded" and c.retry_after_s(d) >= 1
     assert c.decode[0].reserved_tokens == 0 and not c.requests, "a rejection commits nothing"
 
 
@@ -94,6 +95,7 @@ from minicake.config import EngineConfig  # noqa: E402
 from minicake.engine import Engine  # noqa: E402
 from minicake.llm import LLM  # noqa: E402
 from minicake.sampling import SamplingParams  # noqa: E402
+from minicake.sched.live import SLOUnreachable  # noqa: E402
 from minicake.serve.protocol import RequestRejected  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
@@ -203,12 +205,19 @@ def test_the_conductor_sends_a_request_to_the_decode_instance_with_the_lower_pre
 
 def test_admission_control_refuses_with_a_clear_error(llm):
     config = llm.engine.cluster.conductor.config
-    config.admission, config.ttft_slo_s = "early", 1e-6  # no prefill can meet this SLO
+    config.admission = "early"
+    believe_busy(llm, 0, 1e6)
+    believe_busy(llm, 1, 1e6)
     try:
         with pytest.raises(RequestRejected, match=r"rejected by admission control \(early\): prefill overloaded"):
             llm.generate([tokens(20, seed=7)], GREEDY)
+        config.ttft_slo_s = 1e-6  # no prefill can meet this SLO, however idle the cluster
+        with pytest.raises(SLOUnreachable, match=r"\(early\): TTFT SLO unreachable, even alone on an idle cluster"):
+            llm.generate([tokens(20, seed=7)], GREEDY)
     finally:
         config.admission, config.ttft_slo_s = "none", 30.0
+        believe_busy(llm, 0, 0)
+        believe_busy(llm, 1, 0)
     assert not llm.engine.cluster._requests, "a rejected request leaves nothing behind"
 
 
@@ -234,7 +243,7 @@ def test_a_dead_prefill_instance_leaves_the_index_and_its_requests_abort(llm):
     assert out.finish_reason == "length"
 
 
-def test_the_server_answers_a_refused_request_with_429_and_retry_after(tiny_checkpoint):
+def test_the_server_answers_an_unreachable_slo_with_400_and_no_retry_after(tiny_checkpoint):
     import httpx
     from server_process import ServerProcess
     server = ServerProcess("--model", str(tiny_checkpoint("llama")), "--prefill", "2", "--decode", "1",
@@ -244,8 +253,10 @@ def test_the_server_answers_a_refused_request_with_429_and_retry_after(tiny_chec
     try:
         r = httpx.post(f"{server.url}/v1/completions", json={"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 2},
                        timeout=60)
-        assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
-        assert "rejected by admission control (early): prefill overloaded" in r.json()["error"]["message"]
+        error = r.json()["error"]
+        assert r.status_code == 400 and "retry-after" not in r.headers  # a 400 stops clients' automatic retries
+        assert error["code"] == "slo_unreachable" and error["param"] == "prompt"
+        assert "(early): TTFT SLO unreachable, even alone on an idle cluster" in error["message"]
     finally:
         assert server.stop() == 0
 

@@ -239,16 +239,21 @@ def test_metrics_parse_and_counters_move_with_a_request(colocated):
 
 
 def test_admission_control_refusal_is_429_with_retry_after(checkpoint):
-    # SLOs no prediction can meet: the Conductor's early rejection refuses every request
+    # SLOs every request meets alone; the decode instance's 64 blocks of 16 tokens hold 8 requests
+    # of 100 + 20 tokens: the 9th of 9 choices finds no KV room now, and is told when to come back
     server = ServerProcess("--model", str(checkpoint), *ENGINE_FLAGS, "--admission", "early",
-                           "--ttft-slo", "1e-9", "--tbt-slo", "1e-9")
+                           "--ttft-slo", "60", "--tbt-slo", "10")
+    prompt = list(range(5, 105))
     try:
         with pytest.raises(openai.RateLimitError) as e:
-            client(server).completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=4)
+            client(server).completions.create(model="tiny", prompt=prompt, max_tokens=20, n=9)
         assert e.value.status_code == 429 and e.value.body["type"] == "rate_limit_error"
         assert int(e.value.response.headers["retry-after"]) >= 1
-        assert "rejected by admission control" in e.value.body["message"]
+        assert "rejected by admission control (early): no KV room" in e.value.body["message"]
         assert server.metrics()[("minicake:requests_rejected_total", ())] == 1
+        reply = client(server).completions.create(model="tiny", prompt=prompt, max_tokens=20, n=8,
+                                                  extra_body={"ignore_eos": True})
+        assert [c.finish_reason for c in reply.choices] == ["length"] * 8, "the 8 refused with it left room"
     finally:
         assert server.stop() == 0
 

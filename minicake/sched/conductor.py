@@ -2,10 +2,12 @@
 
 For every request it looks up where the request's prefix is cached (the block index),
 predicts TTFT on each prefill instance (queue + fetch + prefill), picks a decode instance by
-predicted TBT and free KV room, and admits or rejects under the TTFT and TBT SLOs. It sees
+predicted TBT and free KV room, and admits or rejects under the TTFT and TBT SLOs; a request
+that would break an SLO even alone on an idle cluster is rejected as unreachable. It sees
 instances only through the plain state dataclasses below, which whoever runs the instances
 (the simulator now, live instance processes later) keeps up to date.
 """
+import math
 import random
 from dataclasses import dataclass, field
 
@@ -71,6 +73,12 @@ class Decision:
     prefill_s: float = 0.0        # service time on the prefill instance: fetch + prefill
     ttft_s: float = 0.0           # predicted
     tbt_s: float = 0.0            # predicted; 0 while the decode side is still to be chosen
+    ttft_alone_s: float = 0.0     # predicted with every prefill queue empty (on the live instance that is fastest)
+
+    @property
+    def unreachable(self) -> bool:
+        """Rejected because even alone on an idle cluster it would break an SLO: waiting cannot help."""
+        return self.reason.endswith("SLO unreachable")
 
 
 @dataclass
@@ -148,6 +156,8 @@ class Conductor:
         assert req.prompt_len > 0 and req.max_new_tokens > 0, f"request {req.request_id}: empty prompt or no tokens to generate"
         cfg = self.config
         d = self._choose_prefill(req, now)
+        if cfg.admission != "none" and (refusal := self._unreachable(req, d)) is not None:
+            return refusal
         prefill_load = d.ttft_s / cfg.ttft_slo_s
         if cfg.admission == "baseline":
             if prefill_load >= cfg.load_threshold:
@@ -189,6 +199,20 @@ class Conductor:
         self.num_finished += 1
         self.avg_decode_s += (now - m.join_s - self.avg_decode_s) / self.num_finished
 
+    def _unreachable(self, req: Request, d: Decision) -> Decision | None:
+        """The rejection of a request that breaks an SLO even alone (its TTFT with every queue
+        empty, its TBT in a batch of its own; TBT where admission judges it at arrival), or None.
+        Its predictions alone are the rejection's ttft_s and tbt_s."""
+        cfg = self.config
+        tbt = self.cost.decode_step_time(1, req.prompt_len)
+        if d.ttft_alone_s / cfg.ttft_slo_s >= cfg.load_threshold:
+            side = "TTFT"
+        elif cfg.admission in ("early", "predictive") and tbt / cfg.tbt_slo_s >= cfg.load_threshold:
+            side = "TBT"
+        else:
+            return None
+        return Decision(False, f"{side} SLO unreachable", ttft_s=d.ttft_alone_s, tbt_s=tbt)
+
     def _cached_tokens(self, req: Request, blocks: int) -> int:
         return min(blocks * self.config.block_size, req.prompt_len - 1)  # the last token is always computed
 
@@ -211,10 +235,14 @@ class Conductor:
         best_inst = max(range(len(lens)), key=lens.__getitem__)
         plans = [self._plan(req, i, lens[i], lens[best_inst], best_inst, now) for i in range(len(lens))]
         if self.config.scheduler == "random":
-            return plans[self.rng.randrange(len(plans))]
-        if self.config.scheduler == "load":
-            return min(plans, key=lambda p: self.prefill[p.prefill_id].busy_until_s)
-        return min(plans, key=lambda p: p.ttft_s)
+            d = plans[self.rng.randrange(len(plans))]
+        elif self.config.scheduler == "load":
+            d = min(plans, key=lambda p: self.prefill[p.prefill_id].busy_until_s)
+        else:
+            d = min(plans, key=lambda p: p.ttft_s)
+        # a dead instance's queue is infinite (live.py): it serves nobody alone either
+        d.ttft_alone_s = min((p.prefill_s for p in plans if p.ttft_s < math.inf), default=math.inf)
+        return d
 
     def _choose_decode(self, req: Request, now: float, at: float | None) -> tuple[int | None, float]:
         """Lowest predicted TBT among decode instances with KV room for the whole request;

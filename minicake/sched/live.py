@@ -5,15 +5,22 @@ the simulator drives, and keeps them up to date from what the running system rep
 of from simulated events: prefill instances report the block keys they gained and lost (batched,
 on change: `HeldKeys`), the cluster reports each request's first token, its later tokens and
 its end. Time is seconds since the cluster started. A prefill instance that dies loses every
-block it held in the index and is never chosen again.
+block it held in the index and is never chosen again. A refused client is told when to retry
+(`retry_after_s`) unless no wait can help (`SLOUnreachable`).
 """
 import itertools
+import math
 import time
 from dataclasses import dataclass
 
 from minicake.sched.conductor import (BlockIndex, Conductor, ConductorConfig, Decision, DecodeState, PrefillState,
                                       Request, request_from_tokens)
 from minicake.sched.cost_model import CostModel
+
+
+class SLOUnreachable(ValueError):
+    """Raised by `Cluster.add_request` for a request that admission control would refuse even
+    alone on an idle cluster: like bad input, it can never run as sent (the server answers 400)."""
 
 
 class HeldKeys:
@@ -84,11 +91,14 @@ class LiveConductor:
         self.conductor._reserve(state, req, join_s=now + d.ttft_s)
         return d
 
-    def retry_after_s(self, d: Decision) -> float:
-        """How long a rejected client should wait: until the predicted queue is back under the SLO,
-        or a mean decode duration when the decode side refused."""
-        over = d.ttft_s - self.config.ttft_slo_s * self.config.load_threshold
-        return max(1.0, over, self.conductor.avg_decode_s if "decode" in d.reason else 0.0)
+    def retry_after_s(self, d: Decision) -> int:
+        """Whole seconds a rejected client should wait: until the prefill queue has drained enough
+        for this request's predicted TTFT to fall under the SLO (the first whole second after), or
+        a mean decode duration when the decode side refused; at least 1."""
+        assert not d.admitted and not d.unreachable, "only a request that waiting can help is told to retry"
+        over = d.ttft_s - self.config.ttft_slo_s * self.config.load_threshold  # the queue to drain, in seconds
+        decode = self.conductor.avg_decode_s if d.reason in ("decode overloaded", "no KV room") else 0.0
+        return max(1, math.floor(over) + 1, math.ceil(decode))
 
     def on_keys(self, instance_id: int, added: list[int], removed: list[int]) -> None:
         """A prefill instance's batched report of the block keys it gained and lost."""

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import math
 import time
 import uuid
 
@@ -18,6 +19,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
+from minicake.sched.live import SLOUnreachable
 from minicake.serve.frontend import Frontend
 from minicake.serve.metrics import ServerMetrics
 from minicake.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest,
@@ -177,12 +179,15 @@ async def respond(request, frontend, req, prompts, max_tokens, max_tokens_param,
     outputs = frontend.generate(prompts, params)
     try:  # add_request runs before the first output: bad input and rejections surface here
         first = await cancel_on_disconnect(request, anext(outputs))
+    except SLOUnreachable as e:  # 400, not 429: no wait helps, and clients retry a 429 by themselves
+        frontend.metrics.rejected.inc()
+        raise APIError(400, str(e), prompt_param, code="slo_unreachable")
     except ValueError as e:
         raise APIError(400, str(e), prompt_param)
     except RequestRejected as e:
         frontend.metrics.rejected.inc()
         raise APIError(429, str(e), type="rate_limit_error", code="rejected",
-                       headers={"Retry-After": str(max(1, round(e.retry_after_s)))})
+                       headers={"Retry-After": str(math.ceil(e.retry_after_s))})
     if req.stream:  # from here on Starlette cancels the stream when the client leaves
         return StreamingResponse(sse(reply, first, outputs), media_type="text/event-stream")
     return JSONResponse(await cancel_on_disconnect(request, collect(reply, first, outputs)))

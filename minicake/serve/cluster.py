@@ -31,7 +31,7 @@ from minicake.serve.instance import InstanceSpec, run_instance
 from minicake.serve.launcher import launch, stop
 from minicake.sched.conductor import ConductorConfig
 from minicake.sched.cost_model import CostModel, calibrate, load_profile
-from minicake.sched.live import LiveConductor
+from minicake.sched.live import LiveConductor, SLOUnreachable
 from minicake.serve.messages import (PARENT, Abort, Crashed, HeldBlocks, Mailbox, NewRequest, Outputs, Ready, Shutdown,
                                      Stats, make_pipes)
 from minicake.serve.protocol import RequestRejected
@@ -182,6 +182,11 @@ class Cluster:
         d = self.conductor.schedule(request_id, prompt, max_tokens)
         if not d.admitted:
             cfg = self.conductor_config
+            if d.unreachable:
+                raise SLOUnreachable(f"request {request_id!r} refused by admission control ({cfg.admission}): "
+                                     f"{d.reason}, even alone on an idle cluster (predicted alone: TTFT "
+                                     f"{d.ttft_s:.2f}s, SLO {cfg.ttft_slo_s:g}s; TBT {d.tbt_s:.3f}s, SLO "
+                                     f"{cfg.tbt_slo_s:g}s): retrying cannot help")
             raise RequestRejected(f"request {request_id!r} rejected by admission control ({cfg.admission}): "
                                   f"{d.reason} (predicted TTFT {d.ttft_s:.2f}s, SLO {cfg.ttft_slo_s:g}s; predicted "
                                   f"TBT {d.tbt_s:.3f}s, SLO {cfg.tbt_slo_s:g}s)", self.conductor.retry_after_s(d))
