@@ -25,7 +25,7 @@ class EngineConfig:
     dtype: str | None = None  # None: the model loader's default (fp32 on CPU, bf16 on CUDA)
     block_size: int = 16
     kv_cache_memory: int | None = None  # bytes for the KV cache; None: kv_cache_fraction of free memory
-    kv_cache_fraction: float = 0.3
+    kv_cache_fraction: float = 0.3  # of the memory left once the weights are in; a cluster's CPU instances share it
     num_kv_blocks: int | None = None  # explicit block count, overrides the memory budget
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 1024  # per-step token budget; long prompts prefill in chunks

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
+from minicake.cache.kv_cache import host_kv_budgets
 from minicake.config import EngineConfig
 from minicake.engine import StepOutput, check_request
 from minicake.model.config import ModelConfig
@@ -94,6 +95,11 @@ class Cluster:
                            device=f"cuda:{s.rank % torch.cuda.device_count()}" if cuda else "cpu",
                            kv_pool_blocks=config.kv_pool_blocks if _has_pool(s) else 0)
                    for s in self.specs]
+        if not cuda and config.num_kv_blocks is None and config.kv_cache_memory is None:
+            # the instance processes share this host's memory (refused here, before any starts, if
+            # they do not fit); on CUDA each has a GPU of its own and sizes its cache there
+            budgets = host_kv_budgets(configs, self.model_config, self.max_model_len)
+            configs = [replace(c, kv_cache_memory=b) for c, b in zip(configs, budgets)]
         ends = make_pipes(mp.get_context("spawn"), [PARENT] + [s.rank for s in self.specs])
         self.procs = launch(run_instance, [(s, c, ends[s.rank]) for s, c in zip(self.specs, configs)],
                             backend="nccl" if cuda else "gloo", num_threads=threads)
