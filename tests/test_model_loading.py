@@ -126,7 +126,7 @@ def test_a_tokenizer_json_that_does_not_parse_is_named(llama_copy):
         Tokenizer.from_dir(llama_copy)
 
 
-@pytest.mark.parametrize("cli", [["minicake.generate", "hello"]])
+@pytest.mark.parametrize("cli", [["minicake.generate", "hello"], ["minicake.serve", "--port", "0"]])
 def test_the_clis_end_on_a_bad_model_file_with_one_line_naming_it(llama_copy, cli):
     weights = llama_copy / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])

@@ -126,8 +126,11 @@ def main(argv=None) -> None:
         cost = load_profile(args.profile)
     except ValueError as e:
         sys.exit(f"error: {e}")
-    cluster = Cluster(config, prefill_instances=prefill, decode_instances=decode,
-                      pipeline_stages=args.pipeline_stages, colocated=colocated, conductor=conductor, cost=cost)
+    try:
+        cluster = Cluster(config, prefill_instances=prefill, decode_instances=decode,
+                          pipeline_stages=args.pipeline_stages, colocated=colocated, conductor=conductor, cost=cost)
+    except (OSError, ValueError) as e:  # a missing or invalid model file: the error names it
+        sys.exit(f"error: {e}")
     try:
         asyncio.run(serve(cluster, args))
     except KeyboardInterrupt:

@@ -25,7 +25,7 @@ from minicake.cache.kv_cache import host_kv_budgets
 from minicake.config import EngineConfig
 from minicake.engine import StepOutput, check_request
 from minicake.model.config import ModelConfig
-from minicake.model.loader import resolve_model
+from minicake.model.loader import check_weight_files, resolve_model
 from minicake.model.tokenizer import Tokenizer
 from minicake.sampling import SamplingParams
 from minicake.serve.instance import InstanceSpec, run_instance
@@ -58,6 +58,7 @@ class Cluster:
         path = resolve_model(config.model)  # converts the bundled model once, here, not in every child
         self.model_config = ModelConfig.from_dir(path)
         self.tokenizer = Tokenizer.from_dir(path)
+        check_weight_files(path)  # a bad weights file fails here, in one line, not in every instance
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         if pipeline_stages > self.model_config.num_hidden_layers:
             raise ValueError(f"pipeline_stages={pipeline_stages} exceeds the model's "
