@@ -92,6 +92,7 @@ class Engine:
             self.block_manager.pool = self.runner.pool = KVPool(config.kv_pool_blocks, self.kv_caches)
         self.requests: dict[str, RequestState] = {}
         self.aborted: list[StepOutput] = []  # reported by the next step()
+        self.prefill_only = False  # set by serve_as_prefill
         LIVE_ENGINES.add(self)
 
     def _allocate_kv_caches(self, dtype: torch.dtype):
@@ -111,8 +112,9 @@ class Engine:
             return None
         return DecodeGraphs(self.model, self.kv_caches)
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Queue a request; raises ValueError, having changed nothing, if it can never run."""
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Sequence:
+        """Queue a request and return its sequence; raises ValueError, having changed nothing, if
+        it can never run."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         check_request(request_id, prompt_token_ids, params, self.model_config.vocab_size, self.max_model_len,
@@ -120,6 +122,7 @@ class Engine:
         seq = Sequence(request_id, prompt_token_ids, params)
         self.requests[request_id] = RequestState(seq, IncrementalDetokenizer(self.tokenizer))
         self.scheduler.add(seq)
+        return seq
 
     def abort_request(self, request_id: str) -> None:
         """Free the request's blocks now; the next step() reports it finished with "abort"."""
@@ -133,30 +136,55 @@ class Engine:
         return self.scheduler.has_unfinished() or bool(self.aborted)
 
     def step(self) -> list[StepOutput]:
+        """schedule → run → postprocess: the only place where sequences advance, for every role."""
         seqs = self.scheduler.schedule()
         tokens = self.runner.execute(seqs) if seqs else []
         return self._postprocess(seqs, tokens)
 
     def _postprocess(self, seqs: list[Sequence], tokens: list[int]) -> list[StepOutput]:
         outputs, self.aborted = self.aborted, []
-        sampled = iter(tokens)
-        for seq in seqs:
-            done = seq.step_done()
-            seq.num_computed_tokens += seq.num_scheduled_tokens
-            seq.num_scheduled_tokens = 0
-            self.block_manager.cache_full_blocks(seq)
-            if not done:
-                continue  # a prefill chunk in the middle of the prompt
-            token = next(sampled)
-            seq.append_token(token)
-            state = self.requests[seq.request_id]
-            reason, text = state.add_token(token, self.eos_token_ids, self.max_model_len)
-            if reason is not None:
-                self.scheduler.finish(seq, reason)
-                del self.requests[seq.request_id]
-            outputs.append(self._output(state, [token], text, reason))
-        assert next(sampled, None) is None, "more sampled tokens than finished rows"
+        reached_end = self.scheduler.advance(seqs)  # prompt chunks in the middle of a prompt are not here
+        if self.prefill_only:  # the prompts are done: their requests move on to a decode instance
+            assert len(tokens) in (0, len(reached_end)), "a token for every finished prompt, or none here"
+            for i, seq in enumerate(reached_end):
+                state = self.requests.pop(seq.request_id)
+                self.scheduler.finish(seq, "prefilled")
+                outputs.append(self._output(state, tokens[i:i + 1], "", "prefilled"))
+            return outputs
+        assert len(tokens) == len(reached_end), "one sampled token per sequence that reached its end"
+        for seq, token in zip(reached_end, tokens):
+            outputs.append(self._append_token(self.requests[seq.request_id], token))
         return outputs
+
+    def _append_token(self, state: RequestState, token: int) -> StepOutput:
+        """The request's new token: append it, check the stop conditions, release it if finished."""
+        seq = state.seq
+        seq.append_token(token)
+        reason, text = state.add_token(token, self.eos_token_ids, self.max_model_len)
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            del self.requests[seq.request_id]
+        return self._output(state, [token], text, reason)
+
+    # --- what the roles of a disaggregated deployment plug in (minicake/serve) -----------------
+
+    def serve_as_prefill(self, stage) -> None:
+        """A prefill instance's engine: a request ends once its prompt is computed (finish reason
+        "prefilled", with its first token where this process sampled it), and `stage`
+        (serve/pipeline.py) runs inside every step: it ships each layer's new K/V to the decode
+        instance and, in a pipelined group, hands the hidden states on instead of sampling."""
+        self.prefill_only, self.runner.stage = True, stage
+
+    def add_prefilled(self, seq: Sequence, first_token: int) -> StepOutput:
+        """A decode instance's request whose prompt a prefill instance computed: `seq` holds its
+        blocks, now filled with the prompt's K/V. It joins the running batch with its first token;
+        returns that token's output."""
+        assert seq.request_id not in self.requests, f"request id {seq.request_id!r} is already in use"
+        seq.num_computed_tokens = len(seq)
+        self.block_manager.cache_full_blocks(seq)
+        self.scheduler.add_running(seq)
+        state = self.requests[seq.request_id] = RequestState(seq, IncrementalDetokenizer(self.tokenizer))
+        return self._append_token(state, first_token)
 
     def _output(self, state: RequestState, token_ids: list[int], text: str, reason: str | None) -> StepOutput:
         seq = state.seq

@@ -12,14 +12,12 @@ def make(num_blocks=64, block_size=4, max_num_seqs=8, budget=32):
 
 
 def fake_step(sched):
+    """One step; returns the scheduled sequences with how many tokens each computed."""
     scheduled = sched.schedule()
-    for s in scheduled:
-        done = s.step_done()
-        s.num_computed_tokens += s.num_scheduled_tokens
-        sched.block_manager.cache_full_blocks(s)
-        if done:
-            s.append_token(0)
-    return scheduled
+    counts = [s.num_scheduled_tokens for s in scheduled]
+    for s in sched.advance(scheduled):  # the sequences that reached their end get a token
+        s.append_token(0)
+    return list(zip(scheduled, counts))
 
 
 def add(sched, request_id, n):
@@ -33,11 +31,11 @@ def add(sched, request_id, n):
 def test_a_long_prompt_is_prefilled_in_chunks_of_the_budget():
     sched = make(budget=32)
     s = add(sched, "a", 80)
-    assert [x.num_scheduled_tokens for x in fake_step(sched)] == [32]
-    assert [x.num_scheduled_tokens for x in fake_step(sched)] == [32]
-    assert [x.num_scheduled_tokens for x in fake_step(sched)] == [16]
+    assert [n for _, n in fake_step(sched)] == [32]
+    assert [n for _, n in fake_step(sched)] == [32]
+    assert [n for _, n in fake_step(sched)] == [16]
     assert len(s) == 81  # the last chunk sampled a token
-    assert [x.num_scheduled_tokens for x in fake_step(sched)] == [1]
+    assert [n for _, n in fake_step(sched)] == [1]
 
 
 def test_decodes_are_scheduled_before_a_chunked_prompt():
@@ -47,7 +45,7 @@ def test_decodes_are_scheduled_before_a_chunked_prompt():
     b = add(sched, "b", 40)
     fake_step(sched)  # a decodes, b gets the remaining 15 tokens
     assert (a.num_computed_tokens, b.num_computed_tokens) == (9, 15)
-    assert fake_step(sched)[0] is a
+    assert fake_step(sched)[0][0] is a
 
 
 def test_max_num_seqs_caps_the_running_batch():

@@ -28,6 +28,7 @@ from minicake.cache.block_manager import BlockManager
 from minicake.cache.kv_cache import allocate_kv_caches, bytes_per_block
 from minicake.model import AttentionMetadata, Tokenizer, load_model, resolve_model
 from minicake.model.runner import ModelRunner
+from minicake.platforms import apply_platform
 from minicake.sampling import SamplingParams
 from minicake.sched.cost_model import KV_BYTES_PER_TOKEN
 from minicake.sched.scheduler import Scheduler
@@ -36,6 +37,7 @@ from minicake.sched.sequence import Sequence
 torch.set_num_threads(min(2, os.cpu_count()))
 path = resolve_model("smollm2-135m")
 model = load_model(path, device="cpu")
+apply_platform(model, torch.device("cpu"), "auto")  # the CPU's kernels, as the engine does (chapter 1)
 tokenizer = Tokenizer.from_dir(path)
 config = model.config
 
@@ -98,9 +100,8 @@ print(f"slot_mapping {meta.slot_mapping.tolist()}")
 # %%
 def step(seqs_to_run):
     tokens = runner.execute(seqs_to_run)
-    for seq, token in zip(seqs_to_run, tokens):  # every sequence here reaches its last token
-        seq.num_computed_tokens += seq.num_scheduled_tokens
-        seq.num_scheduled_tokens = 0
+    # the scheduler counts the computed tokens and returns the sequences that reached their end
+    for seq, token in zip(scheduler.advance(seqs_to_run), tokens):
         seq.append_token(token)
 
 
@@ -165,9 +166,9 @@ def decode_step_time(batch: int, repeats: int = 2) -> float:
                   for i in range(batch)]
     for s in batch_seqs:
         sched.add(s)
-    for s, tok in zip(batch_seqs, run.execute(sched.schedule())):  # prefill, untimed
-        s.num_computed_tokens += s.num_scheduled_tokens
-        s.num_scheduled_tokens = 0
+    scheduled = sched.schedule()  # the prefill, untimed
+    toks = run.execute(scheduled)
+    for s, tok in zip(sched.advance(scheduled), toks):
         s.append_token(tok)
     best = float("inf")
     for _ in range(repeats):
@@ -176,9 +177,7 @@ def decode_step_time(batch: int, repeats: int = 2) -> float:
         t0 = time.perf_counter()
         toks = run.execute(scheduled)
         best = min(best, time.perf_counter() - t0)
-        for s, tok in zip(scheduled, toks):
-            s.num_computed_tokens += 1
-            s.num_scheduled_tokens = 0
+        for s, tok in zip(sched.advance(scheduled), toks):
             s.append_token(tok)
     return best
 

@@ -7,6 +7,8 @@ new token. Only the rows that complete a sequence this step (the last token of a
 or a decode) go through the LM head and the sampler: a prefill chunk that stops mid-prompt
 samples nothing. A platform may hand it `decode_graphs` (the CPU's, platforms/cpu/decode_graph.py):
 decode-only steps then replay a recorded step instead of running the model module by module.
+On a prefill instance a `stage` (serve/pipeline.py) says which layers run here, ships each layer's
+new K/V after it, and, in a pipelined group, passes the hidden states on instead of sampling.
 """
 import torch
 
@@ -25,6 +27,7 @@ class ModelRunner:
         self.generator = torch.Generator().manual_seed(seed)  # for requests without their own seed
         self.pool = None  # a KVPool whose pending loads run inside the forward pass, layer by layer
         self.decode_graphs = decode_graphs  # .run(input_ids, positions, meta) -> logits or None (eager)
+        self.stage = None  # a prefill instance's stage (serve/pipeline.py): its layers, hooks around them
 
     def prepare(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """Flat inputs for each sequence's scheduled tokens (num_computed .. + num_scheduled)."""
@@ -56,24 +59,30 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, seqs: list[Sequence]) -> list[int]:
-        """Run one step; returns one token per sequence whose step_done() is True, in order."""
+        """Run one step; returns one token per sequence whose step_done() is True, in order (none
+        on a pipeline stage that hands its hidden states on)."""
         input_ids, positions, meta = self.prepare(seqs)
         sampled = [i for i, seq in enumerate(seqs) if seq.step_done()]
-        logits = None
-        if self.decode_graphs is not None and len(sampled) == len(input_ids) and not (
-                self.pool is not None and self.pool.pending):  # decodes only; pool loads run in the layers
-            logits = self.decode_graphs.run(input_ids, positions, meta)
-        if logits is None:
-            loading = self.pool is not None and self.pool.begin_loads()  # pooled prefix blocks come back
-            hidden = self.model(input_ids, positions, meta, self.kv_caches,  # [num_tokens, hidden_size]
-                                before_layer=self.pool.before_layer if loading else None)
-            if loading:
-                self.pool.end_loads()
-            if not sampled:
-                return []
-            last_rows = meta.query_start_loc[1:][sampled].long() - 1  # last new token of each
-            logits = self.model.compute_logits(hidden[last_rows])  # [len(sampled), vocab] fp32
         params = [seqs[i].params for i in sampled]
         generators = [seqs[i].generator for i in sampled]
+        if self.decode_graphs is not None and len(sampled) == len(input_ids) and self.stage is None and not (
+                self.pool is not None and self.pool.pending):  # decodes only; pool loads run in the layers
+            logits = self.decode_graphs.run(input_ids, positions, meta)
+            if logits is not None:
+                return sample(logits.cpu(), params, generators, self.generator)
+        stage = self.stage
+        if stage is not None:
+            stage.begin(seqs, positions, meta)
+        loading = self.pool is not None and self.pool.begin_loads()  # pooled prefix blocks come back
+        # hidden, residual: [num_tokens, hidden_size]
+        hidden, residual = self.model.run_layers(self.model.embed(input_ids), None, positions, meta, self.kv_caches,
+                                                 stage.layers if stage else None,
+                                                 before_layer=self.pool.before_layer if loading else None,
+                                                 after_layer=stage.after_layer if stage else None)
+        if loading:
+            self.pool.end_loads()
+        if (stage is not None and not stage.end(hidden, residual)) or not sampled:
+            return []
+        rows = meta.query_start_loc[1:][sampled].long() - 1  # the last new token of each sampled sequence
+        logits = self.model.compute_logits(self.model.final_norm(hidden[rows], residual[rows]))  # [len(sampled), vocab]
         return sample(logits.cpu(), params, generators, self.generator)
-

@@ -63,6 +63,25 @@ class Scheduler:
                 seq.num_computed_tokens + seq.num_scheduled_tokens, "scheduled tokens lack slots"
         return scheduled
 
+    def advance(self, seqs: list[Sequence]) -> list[Sequence]:
+        """After the model ran a step over `seqs`: their scheduled tokens count as computed, the
+        blocks those filled get their prefix keys, and the sequences whose step computed their
+        last token are returned, in order: each of them gets a new token (or, on a prefill
+        instance, its prompt is done)."""
+        reached_end = [seq for seq in seqs if seq.step_done()]
+        for seq in seqs:
+            seq.num_computed_tokens += seq.num_scheduled_tokens
+            seq.num_scheduled_tokens = 0
+            self.block_manager.cache_full_blocks(seq)
+        return reached_end
+
+    def add_running(self, seq: Sequence) -> None:
+        """A sequence whose prompt another instance computed into blocks it already holds joins
+        the running batch directly (a decode instance)."""
+        assert seq.num_computed_tokens == len(seq) and seq.block_table, "only a computed sequence with its blocks"
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
     def _admit_waiting(self, budget: int) -> list[Sequence]:
         admitted = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
