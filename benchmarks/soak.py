@@ -221,20 +221,25 @@ async def soak(base_url: str, server: psutil.Process, args) -> dict:
     return {"outcomes": outcomes, "errors": errors, "samples": samples, "left": left, "health": health}
 
 
-def rss_growth(samples: list, warmup: float) -> dict[str, dict]:
-    """RSS in MB of each process after the warm-up and at the end (both sampled)."""
+def rss_growth(samples: list, warmup: float, duration: float) -> dict[str, dict]:
+    """RSS in MB of each process after the warm-up, midway through the rest and at the end:
+    growth that stops shows as a second half with none, a leak as one with half of it."""
     warm = next((rss for t, rss in samples if t >= warmup), samples[-1][1])
+    mid = next((rss for t, rss in samples if t >= (warmup + duration) / 2), samples[-1][1])
     end = samples[-1][1]
-    return {name: {"after_warmup_mb": round(warm[name] / MB, 1), "end_mb": round(end[name] / MB, 1),
-                   "growth_mb": round((end[name] - warm[name]) / MB, 1)} for name in warm if name in end}
+    return {name: {"after_warmup_mb": round(warm[name] / MB, 1), "midway_mb": round(mid[name] / MB, 1),
+                   "end_mb": round(end[name] / MB, 1), "growth_mb": round((end[name] - warm[name]) / MB, 1),
+                   "second_half_growth_mb": round((end[name] - mid[name]) / MB, 1)}
+            for name in warm if name in mid and name in end}
 
 
 def report(result: dict, rss: dict, exit_code: int | None, args, console: Console) -> dict:
-    table = Table(title=f"RSS (MB): after {args.warmup:g} s of warm-up vs the end of {args.duration:g} s")
-    for column in ("process", "after warm-up", "end", "growth"):
+    table = Table(title=f"RSS (MB): after {args.warmup:g} s of warm-up, midway and at the end of {args.duration:g} s")
+    for column in ("process", "after warm-up", "midway", "end", "growth", "of it in the 2nd half"):
         table.add_column(column, justify="left" if column == "process" else "right")
     for name, r in rss.items():
-        table.add_row(name, f"{r['after_warmup_mb']:.1f}", f"{r['end_mb']:.1f}", f"{r['growth_mb']:+.1f}")
+        table.add_row(name, f"{r['after_warmup_mb']:.1f}", f"{r['midway_mb']:.1f}", f"{r['end_mb']:.1f}",
+                      f"{r['growth_mb']:+.1f}", f"{r['second_half_growth_mb']:+.1f}")
     console.print(table)
     outcomes = result["outcomes"]
     table = Table(title=f"requests by outcome ({args.clients} clients)")
@@ -285,7 +290,7 @@ def main() -> None:
         result = asyncio.run(soak(f"http://127.0.0.1:{port}", psutil.Process(server.pid), args))
     finally:
         exit_code = stop_server(server)
-    summary = report(result, rss_growth(result["samples"], args.warmup), exit_code, args, console)
+    summary = report(result, rss_growth(result["samples"], args.warmup, args.duration), exit_code, args, console)
     print(json.dumps(summary), flush=True)
     sys.exit(1 if summary["errors"] or summary["left_running_after_drain"] or exit_code != 0 else 0)
 
