@@ -11,6 +11,7 @@ that serves (the live cluster checks its profile so at start-up).
 """
 import json
 import math
+import statistics
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -139,26 +140,24 @@ def calibrate(profile: CostModel, prefill_samples: list[tuple[int, int, float]],
               decode_samples: list[tuple[int, int, float]]) -> tuple[CostModel, str]:
     """The profile rescaled to timings measured on this machine, and a line saying by how much.
 
-    Samples as for `fit_profile`. The prefill coefficients are multiplied by the measured
-    seconds over the predicted ones (both summed over the samples), the decode coefficients
-    likewise: the profile keeps its shape and takes the machine's speed. A side without samples
-    keeps its coefficients.
+    Samples as for `fit_profile`. The prefill coefficients are multiplied by the median over the
+    prefill samples of measured / predicted seconds (a median: one timing that a burst of other
+    work slowed does not move it), the decode coefficients likewise: the profile keeps its shape
+    and takes the machine's speed. A side without samples keeps its coefficients.
     """
-    prefill_f, prefill_line = _factor("prefill", prefill_samples, lambda n, c: profile.prefill_time(n, c))
-    decode_f, decode_line = _factor("decode step", decode_samples, profile.decode_step_time)
+    prefill_f, prefill_line = _factor("prefill (prompt, cached tokens)", prefill_samples, profile.prefill_time)
+    decode_f, decode_line = _factor("decode step (batch, context tokens)", decode_samples, profile.decode_step_time)
     scaled = replace(profile, prefill_coef=tuple(c * prefill_f for c in profile.prefill_coef),
                      decode_coef=tuple(c * decode_f for c in profile.decode_coef))
     return scaled, f"{prefill_line}; {decode_line}"
 
 
 def _factor(what: str, samples: list[tuple[int, int, float]], predict) -> tuple[float, str]:
-    """measured / predicted over the samples, and the figures."""
+    """The median of measured / predicted over the samples, and the figures."""
     if not samples:
         return 1.0, f"{what}: not measured, kept"
-    measured = sum(s for _, _, s in samples)
-    predicted = sum(predict(a, b) for a, b, _ in samples)
-    if predicted <= 0:
-        return 1.0, f"{what}: measured {measured:.3f} s but the profile predicts 0 s, kept"
-    shapes = " + ".join(f"({a}, {b})" for a, b, _ in samples)
-    return measured / predicted, (f"{what} {shapes} measured {measured:.4g} s, predicted {predicted:.4g} s: "
-                                  f"x{measured / predicted:.2f}")
+    if any(predict(a, b) <= 0 for a, b, _ in samples):
+        return 1.0, f"{what}: the profile predicts 0 s for a measured shape, kept"
+    factor = statistics.median(s / predict(a, b) for a, b, s in samples)
+    timings = ", ".join(f"({a}, {b}) {s:.3g}/{predict(a, b):.3g} s" for a, b, s in samples)
+    return factor, f"{what} {timings} measured/predicted: median x{factor:.2f}"

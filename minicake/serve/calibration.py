@@ -1,8 +1,8 @@
 """Start-up timings that check the Conductor's cost profile against the machine that serves.
 
-Before it says `Ready`, a prefill instance (stage 0 of its group) times one prefill of each of
-`PREFILL_TOKENS` and a decode instance a few decode steps of one request, after a warm-up run;
-the parent rescales the profile to them (`cost_model.calibrate`). Random prompts, prefix
+Before it says `Ready`, a prefill instance (stage 0 of its group) times PREFILL_ROUNDS prefills
+of each of PREFILL_TOKENS and a decode instance a few decode steps of one request, after a
+warm-up run; the parent rescales the profile to them (`cost_model.calibrate`). Random prompts, prefix
 caching off while timing: no block of them stays keyed, so none is reported to the Conductor.
 """
 import random
@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from minicake.engine import Engine
 from minicake.sampling import SamplingParams
 
-PREFILL_TOKENS = (64, 256)  # about 0.5 s on the bundled model, one CPU thread
+PREFILL_TOKENS, PREFILL_ROUNDS = (64, 192), 3  # about a second on the bundled model, one CPU thread
 WARMUP_TOKENS = 16
 DECODE_PROMPT, DECODE_WARMUP, DECODE_STEPS = 64, 2, 5  # warm-up steps record the decode graphs
 
@@ -28,11 +28,12 @@ def startup_timings(role: str, stage: int, engine: Engine) -> tuple[list, list]:
 
 
 def time_prefills(engine: Engine, rng: random.Random) -> list[tuple[int, int, float]]:
-    """(prompt tokens, 0 cached, seconds until its first token) of one prompt of each size."""
+    """(prompt tokens, 0 cached, seconds until its first token) of PREFILL_ROUNDS prompts of each size."""
     samples = []
+    sizes = sorted({min(n, _max_prompt(engine, 1)) for n in PREFILL_TOKENS})
     with _uncached(engine):
         _run(engine, _prompt(engine, WARMUP_TOKENS, rng), max_tokens=1)
-        for n in sorted({min(n, _max_prompt(engine, 1)) for n in PREFILL_TOKENS}):
+        for n in sizes * PREFILL_ROUNDS:
             start = time.perf_counter()
             _run(engine, _prompt(engine, n, rng), max_tokens=1)
             samples.append((n, 0, time.perf_counter() - start))
