@@ -1,12 +1,21 @@
 """Sampling parameters and the sampler: turn each sampled row of logits into one token.
 
-`SamplingParams` follows vLLM's names and is validated when built. Temperature 0 is greedy.
-A request with a `seed` owns a `torch.Generator`, and its row is sampled from that generator
-alone, so its tokens do not depend on which other requests share the batch.
+`SamplingParams` follows vLLM's names and is validated when built, every field to a range the
+sampler can hold. Temperature 0 (below 1e-5, as in vLLM) is greedy. A request with a `seed`
+owns a `torch.Generator`, and its row is sampled from that generator alone, so its tokens do
+not depend on which other requests share the batch.
 """
+import reprlib
+import sys
 from dataclasses import dataclass
 
 import torch
+
+# Every integer field fits torch's int64 (seeds as OpenAI documents them: int64).
+INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 256  # each stop string is searched for after every token
+# Temperatures below this are greedy (as in vLLM): dividing fp32 logits by them overflows.
+GREEDY_BELOW = 1e-5
 
 
 @dataclass
@@ -26,19 +35,23 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
-        _check(isinstance(self.temperature, (int, float)) and self.temperature >= 0,
-               "temperature", self.temperature, "a number >= 0")
-        _check(isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1,
+        _check(_is_number(self.temperature) and 0 <= self.temperature <= sys.float_info.max,
+               "temperature", self.temperature, "a finite number >= 0")
+        _check(_is_number(self.top_p) and 0 < self.top_p <= 1,
                "top_p", self.top_p, "in (0, 1]")
-        _check(_is_int(self.top_k) and (self.top_k == -1 or self.top_k >= 0),
-               "top_k", self.top_k, "-1 or 0 (off) or a positive integer")
-        _check(_is_int(self.max_tokens) and self.max_tokens >= 1,
-               "max_tokens", self.max_tokens, "an integer >= 1")
-        _check(all(isinstance(s, str) and s for s in self.stop),
-               "stop", self.stop, "a non-empty string or a list of them")
-        _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
+        _check(_is_int64(self.top_k) and (self.top_k == -1 or self.top_k >= 0),
+               "top_k", self.top_k, "-1 or 0 (off) or a positive 64-bit integer")
+        _check(_is_int64(self.max_tokens) and self.max_tokens >= 1,
+               "max_tokens", self.max_tokens, "a 64-bit integer >= 1")
+        _check(len(self.stop) <= MAX_STOP_STRINGS and all(
+                   isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in self.stop),
+               "stop", self.stop, f"a non-empty string of at most {MAX_STOP_CHARS} characters "
+               f"or a list of at most {MAX_STOP_STRINGS} of them")
+        _check(all(_is_int64(t) and t >= 0 for t in self.stop_token_ids),
                "stop_token_ids", self.stop_token_ids, "a list of token ids >= 0")
-        _check(self.seed is None or _is_int(self.seed), "seed", self.seed, "an integer or None")
+        _check(isinstance(self.ignore_eos, bool), "ignore_eos", self.ignore_eos, "a bool")
+        _check(self.seed is None or _is_int64(self.seed), "seed", self.seed,
+               f"None or an integer in [{INT64_MIN}, {INT64_MAX}] (int64)")
         _check(_is_int(self.n) and self.n >= 1, "n", self.n, "an integer >= 1")
         if self.n != 1:
             raise ValueError(f"n={self.n}: minicake returns one completion per request; "
@@ -46,16 +59,24 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _is_int64(x) -> bool:
+    return _is_int(x) and INT64_MIN <= x <= INT64_MAX
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def _check(ok: bool, name: str, value, expected: str) -> None:
     if not ok:
-        raise ValueError(f"SamplingParams.{name} must be {expected}, got {value!r}")
+        raise ValueError(f"SamplingParams.{name} must be {expected}, got {reprlib.repr(value)}")
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams],
