@@ -105,9 +105,10 @@ def run_instance(rank: int, spec: InstanceSpec, config: EngineConfig, pipe_ends:
     mailbox = Mailbox(*pipe_ends)
     code = 0
     try:
-        instance = build_instance(spec, config, mailbox)
-        timings = startup_timings(spec.role, spec.stage, instance.engine)  # checks the Conductor's cost profile
-        mailbox.send(PARENT, Ready(rank, instance.engine.block_manager.num_blocks, *timings))
+        engine = Engine(config)
+        timings = startup_timings(spec.role, spec.stage, engine)  # checks the cost profile, before a role has the engine
+        instance = build_instance(spec, engine, mailbox)
+        mailbox.send(PARENT, Ready(rank, engine.block_manager.num_blocks, *timings))
         instance.serve()
     except Exception:  # noqa: BLE001 - the parent turns this into aborted requests
         mailbox.send(PARENT, Crashed(rank, traceback.format_exc()))
@@ -118,8 +119,7 @@ def run_instance(rank: int, spec: InstanceSpec, config: EngineConfig, pipe_ends:
     os._exit(code)
 
 
-def build_instance(spec: InstanceSpec, config: EngineConfig, mailbox: Mailbox) -> Instance:
-    engine = Engine(config)
+def build_instance(spec: InstanceSpec, engine: Engine, mailbox: Mailbox) -> Instance:
     if spec.role == "colocated":
         return ColocatedInstance(spec, engine, mailbox)
     if spec.role == "prefill":
