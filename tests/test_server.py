@@ -3,16 +3,22 @@
 (1 prefill + 1 decode) server per module, compared with the offline `LLM`."""
 import asyncio
 import json
+import re
 import signal
 import time
+from types import SimpleNamespace
 
 import httpx
 import openai
 import pytest
 from server_process import ServerProcess
+from starlette.testclient import TestClient
 
 from minicake.llm import LLM
+from minicake.model.tokenizer import Tokenizer
 from minicake.sampling import SamplingParams
+from minicake.serve.api import create_app
+from minicake.serve.metrics import ServerMetrics
 
 MAX_MODEL_LEN = 128
 ENGINE_FLAGS = ("--max-model-len", str(MAX_MODEL_LEN), "--num-kv-blocks", "64",
@@ -183,6 +189,123 @@ def test_unknown_model_is_404(colocated):
     with pytest.raises(openai.NotFoundError) as e:
         client(colocated).completions.create(model="gpt-7", prompt="Hi")
     assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
+
+
+def post(server, body, path="/v1/completions") -> httpx.Response:
+    """A raw JSON POST: the body goes out as given (huge ints, NaN, lone surrogates as \\u
+    escapes), where the openai client would refuse or change it."""
+    return httpx.post(f"{server.url}{path}", content=json.dumps(body), timeout=60,
+                      headers={"content-type": "application/json"})
+
+
+def assert_error(response: httpx.Response, status: int, param: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["param"] == param
+    return error
+
+
+def test_values_beyond_what_the_engine_holds_are_400s_and_no_instance_dies(disaggregated, llm):
+    # each of these killed the decode or the prefill process (torch overflows on them)
+    for body, param in [({"seed": 2**64}, "seed"), ({"seed": -2**63 - 1}, "seed"),
+                        ({"top_k": 2**63}, "top_k"),
+                        ({"top_k": 513}, "top_k"),  # the tiny model's vocabulary has 512 tokens
+                        ({"temperature": float("nan")}, "temperature"),
+                        ({"temperature": float("inf")}, "temperature")]:
+        assert_error(post(disaggregated, {"prompt": "Hello", "max_tokens": 4, **body}), 400, param)
+    # the largest seed with n=2: choice 1's seed wraps around to the smallest int64
+    reply = post(disaggregated, {"prompt": "Hello", "max_tokens": 4, "seed": 2**63 - 1, "n": 2})
+    assert reply.status_code == 200 and len(reply.json()["choices"]) == 2
+    assert httpx.get(f"{disaggregated.url}/health", timeout=10).json()["status"] == "ok"
+    reply = client(disaggregated).completions.create(
+        model="tiny", prompt=PROMPTS[0], max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    assert reply.choices[0].text == greedy(llm, PROMPTS[:1])[0]
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", {"prompt": "a\ud800b"}, "prompt"),
+    ("/v1/completions", {"prompt": ["fine", "\udc00"]}, "prompt"),
+    ("/v1/completions", {"prompt": "Hi", "stop": "\ud800"}, "stop"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a\ud800b"}]}, "messages"),
+])
+def test_a_lone_surrogate_is_400_naming_the_field(colocated, path, body, param):
+    error = assert_error(post(colocated, body, path), 400, param)
+    assert "lone surrogate" in error["message"]
+
+
+@pytest.mark.parametrize("raw, param", [
+    ("[" * 100_000 + "]" * 100_000, None),  # too deep for the JSON parser
+    ('{"prompt": ' + "[" * 5000 + "]" * 5000 + "}", None),
+    ('{"prompt": ' + "[" * 500 + "]" * 500 + "}", "prompt"),  # parsed: not a prompt
+])
+def test_deeply_nested_json_is_400(colocated, raw, param):
+    response = httpx.post(f"{colocated.url}/v1/completions", content=raw, timeout=60)
+    assert_error(response, 400, param)
+
+
+def test_a_body_over_the_size_limit_is_413_with_or_without_a_content_length(colocated):
+    assert_error(post(colocated, {"prompt": "x" * 17_000_000}), 413)
+
+    def chunked():  # no Content-Length: the server counts the bytes as they arrive
+        yield b'{"prompt": "'
+        for _ in range(17):
+            yield b"x" * 2**20
+        yield b'"}'
+
+    response = httpx.post(f"{colocated.url}/v1/completions", content=chunked(), timeout=60)
+    assert assert_error(response, 413)["code"] == "request_too_large"
+    assert httpx.get(f"{colocated.url}/health", timeout=10).status_code == 200
+
+
+def test_a_prompt_longer_than_any_that_fits_is_400_before_it_is_tokenized(colocated):
+    # 7 MB fits the body limit; its length in characters refuses it, not its token count
+    error = assert_error(post(colocated, {"prompt": "x" * 7_000_000}), 400, "prompt")
+    assert "7000000 characters" in error["message"]
+    messages = [{"role": "user", "content": "x" * 7_000_000}]
+    error = assert_error(post(colocated, {"messages": messages}, "/v1/chat/completions"), 400,
+                         "messages")
+    assert "7000000 characters" in error["message"]
+
+
+def test_a_wrong_method_is_405_with_its_allow_header_and_the_envelope(colocated):
+    response = httpx.get(f"{colocated.url}/v1/completions", timeout=10)
+    assert_error(response, 405)
+    assert response.headers["allow"] == "POST"
+
+
+def test_openapi_documents_both_request_bodies(colocated):
+    schema = httpx.get(f"{colocated.url}/openapi.json", timeout=10).json()
+    for path, model in [("/v1/completions", "CompletionRequest"),
+                        ("/v1/chat/completions", "ChatCompletionRequest")]:
+        body = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]
+        assert body["schema"] == {"$ref": f"#/components/schemas/{model}"}
+    components = schema["components"]["schemas"]
+    assert "prompt" in components["CompletionRequest"]["properties"]
+    assert "messages" in components["ChatCompletionRequest"]["properties"]
+    refs = set(re.findall(r'"\$ref": "#/components/schemas/(\w+)"', json.dumps(schema)))
+    assert refs <= set(components), "every reference resolves"
+
+
+def test_unsupported_parameters_at_their_neutral_value_are_accepted(colocated):
+    body = {"prompt": "Hi", "max_tokens": 2, "logprobs": 0, "echo": False, "best_of": 1,
+            "logit_bias": {}, "presence_penalty": 0, "user": "someone"}
+    assert post(colocated, body).status_code == 200
+
+
+def test_an_unexpected_exception_is_a_500_envelope_that_names_no_server_path(checkpoint):
+    class BrokenCluster:  # what create_app reads, and an add_request that fails unexpectedly
+        config = SimpleNamespace(max_model_len=MAX_MODEL_LEN)
+        model_config = SimpleNamespace(vocab_size=512, max_position_embeddings=MAX_MODEL_LEN)
+        tokenizer = Tokenizer.from_dir(checkpoint)
+
+        def add_request(self, request_id, prompt, params):
+            raise RuntimeError(f"{__file__} is broken")
+
+    app = create_app(BrokenCluster(), "tiny", ServerMetrics())
+    response = TestClient(app, raise_server_exceptions=False).post(
+        "/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+    assert assert_error(response, 500)["message"] == "internal server error"
+    assert __file__ not in response.text
 
 
 def test_models_lists_the_served_name_and_health_is_ok(colocated):

@@ -4,12 +4,15 @@ metrics (DESIGN.md 1, the frontend).
 A handler validates and tokenizes (chat template included), fans the request out into one
 engine request per (prompt, choice), and answers with one JSON body or server-sent events
 ending in `data: [DONE]`. A client that goes away cancels its handler, which aborts the
-engine requests (frontend.py).
+engine requests (frontend.py). No request can take the server down: the body and the prompt
+are bounded before anything reads them whole, tokenizing runs in a worker thread, and every
+error, unexpected ones included, is the OpenAI error envelope.
 """
 import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import time
 import uuid
@@ -18,12 +21,19 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
+from minicake.sampling import INT64_MIN
 from minicake.sched.live import SLOUnreachable
 from minicake.serve.frontend import Frontend
 from minicake.serve.metrics import ServerMetrics
 from minicake.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest,
-                                     RequestRejected, parse_request)
+                                     RequestRejected, parse_request, request_schemas)
+
+log = logging.getLogger("minicake.serve")
+
+MAX_BODY_BYTES = 8 * 2**20  # a longer request body is refused (413) before it is read whole
+MAX_PROMPTS = 64  # prompts in one completions request (each then has n choices)
 
 
 class ClientDisconnected(Exception):
@@ -43,18 +53,26 @@ def create_app(cluster, served_model_name: str, metrics: ServerMetrics) -> FastA
 
     app = FastAPI(title="minicake", lifespan=lifespan)
     app.state.frontend = frontend
+    add_request_schemas(app)
+    max_chars = max_prompt_chars(cluster)
 
     @app.exception_handler(APIError)
     async def api_error(request, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+        return error_response(e)
 
     @app.exception_handler(ClientDisconnected)
     async def client_gone(request, e):
         return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
 
     @app.exception_handler(HTTPException)
-    async def http_error(request, e: HTTPException):
-        return JSONResponse(APIError(e.status_code, str(e.detail)).body(), e.status_code)
+    async def http_error(request, e: HTTPException):  # 404, 405 (its Allow header kept)
+        return error_response(APIError(e.status_code, str(e.detail), headers=e.headers))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, e: Exception):
+        # Starlette re-raises `e` after this answer: uvicorn logs its traceback, the client
+        # never sees it
+        return error_response(APIError(500, "internal server error", type="server_error"))
 
     @app.get("/health")
     async def health():
@@ -72,21 +90,21 @@ def create_app(cluster, served_model_name: str, metrics: ServerMetrics) -> FastA
     async def prometheus():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=json_request_body(CompletionRequest))
     async def completions(request: Request):
-        req = parse_request(CompletionRequest, await json_body(request))
+        req = parse_request(CompletionRequest, await read_body(request))
         check_model(req.model, served_model_name)
-        prompts = tokenize_prompt(req.prompt, cluster)
+        prompts = await asyncio.to_thread(tokenize_prompt, req.prompt, cluster, max_chars)
         limits = [req.max_tokens if req.max_tokens is not None else
                   max(1, max_model_len(cluster) - len(p)) for p in prompts]
         return await respond(request, frontend, req, prompts, limits, "max_tokens", "prompt",
                              served_model_name)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=json_request_body(ChatCompletionRequest))
     async def chat_completions(request: Request):
-        req = parse_request(ChatCompletionRequest, await json_body(request))
+        req = parse_request(ChatCompletionRequest, await read_body(request))
         check_model(req.model, served_model_name)
-        prompt = apply_chat_template(req, cluster.tokenizer)
+        prompt = await asyncio.to_thread(apply_chat_template, req, cluster, max_chars)
         limit_param, limit = next(
             ((name, getattr(req, name)) for name in ("max_completion_tokens", "max_tokens")
              if getattr(req, name) is not None),
@@ -101,11 +119,54 @@ def max_model_len(cluster) -> int:
     return cluster.config.max_model_len or cluster.model_config.max_position_embeddings
 
 
-async def json_body(request: Request):
+def error_response(e: APIError) -> Response:
+    # ASCII JSON: a message may quote input that is not valid Unicode (a lone surrogate)
+    return Response(json.dumps(e.body()), e.status, e.headers, media_type="application/json")
+
+
+def add_request_schemas(app: FastAPI) -> None:
+    """The handlers parse their own bodies (every bad field is a 400 naming it, not FastAPI's
+    422), so FastAPI does not see the request models: /openapi.json gets their schemas here,
+    which each POST route's requestBody refers to (json_request_body)."""
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            components = FastAPI.openapi(app).setdefault("components", {})
+            components.setdefault("schemas", {}).update(request_schemas())
+        return app.openapi_schema
+    app.openapi = openapi
+
+
+def json_request_body(model) -> dict:
+    schema = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def max_prompt_chars(cluster) -> int:
+    """No token stands for more characters than the longest token's text (+1: a decoder may
+    drop a token's leading space), so a prompt longer than this never fits in max_model_len
+    tokens: it is refused before it is tokenized."""
+    tok = cluster.tokenizer
+    longest = max(len(tok.decode([i], skip_special_tokens=False)) for i in range(tok.vocab_size))
+    return max_model_len(cluster) * (longest + 1)
+
+
+async def read_body(request: Request) -> bytes:
+    """The body, refused (413) as soon as it is known to exceed MAX_BODY_BYTES: from its
+    Content-Length, or while it streams in (a chunked body has none)."""
+    too_large = APIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes",
+                         code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdecimal() and int(declared) > MAX_BODY_BYTES:
+        raise too_large
+    body = bytearray()
     try:
-        return await request.json()
-    except ValueError as e:
-        raise APIError(400, f"the request body is not valid JSON: {e}")
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY_BYTES:
+                raise too_large
+    except ClientDisconnect:
+        raise ClientDisconnected() from None
+    return bytes(body)
 
 
 def check_model(model: str | None, served_model_name: str) -> None:
@@ -114,15 +175,23 @@ def check_model(model: str | None, served_model_name: str) -> None:
                        f"'{served_model_name}'", "model", code="model_not_found")
 
 
-def tokenize_prompt(prompt, cluster) -> list[list[int]]:
-    """A completions prompt is a string, a list of strings, token ids, or lists of them."""
+def tokenize_prompt(prompt, cluster, max_chars: int) -> list[list[int]]:
+    """A completions prompt is a string, a list of strings, token ids, or lists of them.
+    Runs in a worker thread, as every step that walks a whole prompt."""
     if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
         prompt = [prompt]
     if not prompt:
         raise APIError(400, "prompt must not be empty", "prompt")
+    if len(prompt) > MAX_PROMPTS:
+        raise APIError(400, f"prompt is a list of {len(prompt)} prompts; at most {MAX_PROMPTS} "
+                       "are taken per request", "prompt")
+    for p in prompt:
+        if isinstance(p, str):
+            check_chars(len(p), max_chars, "prompt")
     prompts = [cluster.tokenizer.encode(p) if isinstance(p, str) else p for p in prompt]
     vocab_size = cluster.model_config.vocab_size
     for ids in prompts:
+        check_tokens(ids, cluster, "prompt")
         bad = next((t for t in ids if not 0 <= t < vocab_size), None)
         if bad is not None:
             raise APIError(400, f"prompt token id {bad} is outside the vocabulary "
@@ -130,13 +199,33 @@ def tokenize_prompt(prompt, cluster) -> list[list[int]]:
     return prompts
 
 
-def apply_chat_template(req: ChatCompletionRequest, tokenizer) -> list[int]:
+def apply_chat_template(req: ChatCompletionRequest, cluster, max_chars: int) -> list[int]:
+    """Runs in a worker thread, as tokenize_prompt."""
+    tokenizer = cluster.tokenizer
     if not tokenizer.has_chat_template:
         raise APIError(400, "this model has no chat template; use /v1/completions with a "
                        "plain prompt", "messages")
     messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    check_chars(sum(len(m["content"]) for m in messages), max_chars, "messages")
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    return tokenizer.encode(text, add_special_tokens=False)  # the template wrote its specials
+    ids = tokenizer.encode(text, add_special_tokens=False)  # the template wrote its specials
+    check_tokens(ids, cluster, "messages")
+    return ids
+
+
+def check_chars(num_chars: int, max_chars: int, param: str) -> None:
+    if num_chars > max_chars:
+        raise APIError(400, f"the prompt has {num_chars} characters; no prompt of more than "
+                       f"{max_chars} fits in this server's max_model_len", param)
+
+
+def check_tokens(ids: list[int], cluster, param: str) -> None:
+    """check_request refuses it too, but on the event loop, after walking every token id:
+    millions of ids are refused here first, in the worker thread."""
+    if len(ids) >= max_model_len(cluster):
+        raise APIError(400, f"the prompt has {len(ids)} tokens but max_model_len is "
+                       f"{max_model_len(cluster)} (at least one token must be left to "
+                       "generate)", param)
 
 
 @dataclasses.dataclass
@@ -164,11 +253,12 @@ class Reply:
 
 async def respond(request, frontend, req, prompts, max_tokens, max_tokens_param, prompt_param,
                   model):
-    # choice j of a prompt gets seed + j, so that n seeded choices differ
+    # choice j of a prompt gets seed + j (wrapped within int64), so that n seeded choices differ
     params = []
     for limit in max_tokens:
         base = req.sampling_params(limit, max_tokens_param)
-        params += [dataclasses.replace(base, seed=None if base.seed is None else base.seed + j)
+        params += [dataclasses.replace(base, seed=None if base.seed is None else
+                                       (base.seed + j - INT64_MIN) % 2**64 + INT64_MIN)
                    for j in range(req.n)]
     prompts = [p for p in prompts for _ in range(req.n)]
     chat = isinstance(req, ChatCompletionRequest)
@@ -182,8 +272,8 @@ async def respond(request, frontend, req, prompts, max_tokens, max_tokens_param,
     except SLOUnreachable as e:  # 400, not 429: no wait helps, and clients retry a 429 by themselves
         frontend.metrics.rejected.inc()
         raise APIError(400, str(e), prompt_param, code="slo_unreachable")
-    except ValueError as e:
-        raise APIError(400, str(e), prompt_param)
+    except ValueError as e:  # check_request: top_k is the one field it checks beyond the prompt
+        raise APIError(400, str(e), "top_k" if "top_k=" in str(e) else prompt_param)
     except RequestRejected as e:
         frontend.metrics.rejected.inc()
         raise APIError(429, str(e), type="rate_limit_error", code="rejected",
@@ -216,8 +306,10 @@ async def cancel_on_disconnect(request: Request, awaitable):
 
 
 def raise_if_failed(out) -> None:
-    if out.error:
-        raise APIError(500, f"the request failed in the engine: {out.error}", type="server_error")
+    if out.error:  # its first line says what failed; a traceback below it stays in the log
+        log.error("request %s failed: %s", out.request_id, out.error)
+        raise APIError(500, f"the request failed in the engine: {out.error.splitlines()[0]}",
+                       type="server_error")
 
 
 async def prepend(first, outputs):
@@ -274,6 +366,7 @@ async def sse(reply: Reply, first, outputs):
             yield event({**obj, "choices": [], "usage": reply.usage(prompt_tokens, cached, tokens)})
     except APIError as e:
         yield event(e.body())
-    except Exception as e:  # noqa: BLE001 - the client must hear about it before [DONE]
-        yield event(APIError(500, f"internal error: {e}", type="server_error").body())
+    except Exception:  # noqa: BLE001 - the client must hear about it before [DONE]
+        log.exception("a stream failed")
+        yield event(APIError(500, "internal server error", type="server_error").body())
     yield "data: [DONE]\n\n"
