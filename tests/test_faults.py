@@ -1,9 +1,10 @@
-"""Faults: a dead or silent instance aborts its requests with a reason, never a hang or a leak.
+"""Faults: a dead, hung or silent instance aborts its requests with a reason, never a hang or a leak.
 
-Every test kills something on purpose, so each starts its own small cluster of the tiny
-Llama checkpoint. The checks: outputs finish with "abort" and an error within the transfer
-timeout, the surviving instance's blocks are all free again, `close()` returns, and no
-instance process outlives its parent, not even a parent killed with SIGKILL.
+Every test kills something on purpose, so each starts its own small cluster of the
+tiny Llama checkpoint. The checks: outputs finish with "abort" and an error within the transfer
+(or heartbeat) timeout, the surviving instance's blocks are all free again, the cluster serves
+on while it can and says why not once it cannot, `close()` returns, and no instance process
+outlives its parent, not even a parent killed with SIGKILL.
 """
 import os
 import signal
@@ -12,11 +13,15 @@ import sys
 import textwrap
 import time
 
+import pytest
+
 from minicake.sampling import SamplingParams
-from minicake.serve.cluster import Cluster
+from minicake.serve.cluster import Cluster, ClusterUnavailable
+from minicake.serve.messages import error_line
 from test_disagg import prompts, settled_stats, tiny_config
 
 TIMEOUT_S = 3.0  # kv_transfer_timeout of these clusters
+HEARTBEAT_S = 3.0  # heartbeat_timeout of the clusters that test it
 
 
 def pid_alive(pid: int) -> bool:
@@ -45,8 +50,8 @@ def wait_until(condition, limit: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def start(tiny_checkpoint, timeout: float = TIMEOUT_S, pipeline_stages: int = 1) -> Cluster:
-    return Cluster(tiny_config(tiny_checkpoint("llama"), kv_transfer_timeout=timeout), pipeline_stages=pipeline_stages)
+def start(tiny_checkpoint, timeout: float = TIMEOUT_S, **cluster_args) -> Cluster:
+    return Cluster(tiny_config(tiny_checkpoint("llama"), kv_transfer_timeout=timeout), **cluster_args)
 
 
 def rank_pid(cluster: Cluster, role: str, stage: int = 0) -> int:
@@ -105,8 +110,8 @@ def test_killing_a_prefill_stage_mid_transfer_aborts_the_request_and_frees_the_r
         assert decode["num_received_blocks"] == layer0_blocks, "nothing of layer 1 arrived"
         assert decode["num_free_blocks"] == decode["num_blocks"] and decode["kv_usage"] == 0.0, "no block leaked"
         assert decode["num_running"] == decode["num_receiving"] == 0
-        cluster.add_request("after", prompts()[0], SamplingParams(max_tokens=5))  # its group is broken
-        assert "rank 1" in wait_finished(cluster, {"after"}, limit=5)["after"].error
+        with pytest.raises(ClusterUnavailable, match="rank 1"):  # its only prefill group is broken
+            cluster.add_request("after", prompts()[0], SamplingParams(max_tokens=5))
         closing = time.monotonic()
     assert time.monotonic() - closing < 15, "close() returns in bounded time"
     assert not any(pid_alive(p.pid) for p in cluster.procs)
@@ -147,6 +152,67 @@ def test_a_silent_prefill_instance_times_out_the_transfer(tiny_checkpoint):
         os.kill(prefill_pid, signal.SIGCONT)
 
 
+def test_a_hung_decode_instance_is_declared_dead_within_the_heartbeat_timeout_and_killed(tiny_checkpoint):
+    # The transfer timeout is long: only the heartbeat can tell that the decode instance hangs.
+    with start(tiny_checkpoint, timeout=60.0, heartbeat_timeout=HEARTBEAT_S) as cluster:
+        decode_pid = rank_pid(cluster, "decode")
+        os.kill(decode_pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+        for i, p in enumerate(prompts()[:2]):
+            cluster.add_request(f"r{i}", p, params)
+        finished = wait_finished(cluster, {"r0", "r1"}, limit=HEARTBEAT_S + 5)
+        assert time.monotonic() - stopped < HEARTBEAT_S + 5
+        reason = "decode instance (rank 1) sent no heartbeat for 3s: hung, killed"
+        assert [(o.finish_reason, o.error) for o in finished.values()] == [("abort", reason)] * 2
+        wait_until(lambda: not pid_alive(decode_pid), 5, "the hung instance is killed")
+        assert cluster.health() == {"status": "unavailable",
+                                    "dead_instances": [{"role": "decode", "rank": 1, "reason": reason}]}
+        decode = decode_stats(cluster)
+        assert not decode["alive"] and decode["num_running"] == decode["num_waiting"] == decode["kv_usage"] == 0
+        with pytest.raises(ClusterUnavailable, match=r"no instance left to serve requests: decode instance \(rank 1\)"):
+            cluster.add_request("after", prompts()[0], params)
+
+
+def test_with_one_of_two_prefill_instances_dead_the_cluster_serves_on_degraded(tiny_checkpoint):
+    with start(tiny_checkpoint, prefill_instances=2) as cluster:
+        params = SamplingParams(temperature=0, max_tokens=240, ignore_eos=True)
+        cluster.add_request("decoding", prompts()[0], params)  # the Conductor picks rank 0: both idle
+        while not cluster.get_outputs(timeout=10):  # prefilled: it needs the decode instance only
+            pass
+        decode_pid = rank_pid(cluster, "decode")
+        os.kill(decode_pid, signal.SIGSTOP)  # holds "decoding" where it is (unless it finished already)
+        os.kill(rank_pid(cluster, "prefill"), signal.SIGKILL)  # rank 0
+        wait_until(lambda: cluster.health()["status"] == "degraded", 10, "the parent notices the death")
+        os.kill(decode_pid, signal.SIGCONT)
+        assert cluster.health()["dead_instances"] == [
+            {"role": "prefill", "rank": 0, "reason": "prefill instance (rank 0) died with exit code -9"}]
+        cluster.add_request("new", prompts()[1], SamplingParams(temperature=0, max_tokens=5))
+        finished = wait_finished(cluster, {"decoding", "new"}, limit=30)
+        assert finished["decoding"].finish_reason == finished["new"].finish_reason == "length"
+
+
+@pytest.mark.parametrize("colocated", [False, True])
+def test_an_exception_while_handling_one_request_fails_only_that_request(tiny_checkpoint, colocated):
+    with start(tiny_checkpoint, colocated=colocated) as cluster:
+        bad = SamplingParams(temperature=1.0, max_tokens=4)
+        bad.seed = 2**64  # past SamplingParams' check: torch.Generator.manual_seed raises in the instance
+        cluster.add_request("bad", prompts()[0], bad)
+        cluster.add_request("good", prompts()[1], SamplingParams(temperature=0, max_tokens=4))
+        finished = wait_finished(cluster, {"bad", "good"}, limit=30)
+        assert finished["bad"].finish_reason == "abort"
+        assert finished["bad"].error == "ValueError: Overflow when unpacking long long"
+        assert finished["good"].finish_reason == "length"
+        assert cluster.is_healthy() and all(s["alive"] for s in cluster.stats())
+
+
+def test_errors_that_reach_clients_are_one_line_without_server_paths():
+    gloo = "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:534] Read error [127.0.0.1]:4021: Connection reset"
+    assert error_line(gloo) == "[<path>] Read error [127.0.0.1]:4021: Connection reset"
+    assert error_line("OSError: cannot open '/srv/models/x/config.json'\n  more") == "OSError: cannot open '<path>'"
+    assert error_line("no KV from ranks [0] for 3s (12 tokens/s)") == "no KV from ranks [0] for 3s (12 tokens/s)"
+
+
 PARENT_SCRIPT = """
 import sys, time
 from minicake.config import EngineConfig
@@ -170,3 +236,4 @@ def test_no_instance_outlives_a_parent_killed_with_sigkill(tiny_checkpoint):
     while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(pid_alive(p) for p in pids), "an instance survived its parent"
+

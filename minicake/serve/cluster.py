@@ -5,8 +5,10 @@ ranks each, then the decode instances, or one colocated engine. It validates a r
 asks the Conductor (minicake/sched/live.py) for its prefill and decode instance, or refuses it
 (`RequestRejected`), and gathers the `StepOutput`s the instances stream back, which with the
 prefill instances' block-key reports keep the Conductor's view current. A background thread reads the instances' outbox and
-watches the processes: when one dies, every request it touched finishes with "abort" and an
-error, and the survivors free those requests' blocks.
+watches the processes: when one dies, or sends nothing for `heartbeat_timeout` seconds (hung: it
+is killed), every request it touched finishes with "abort" and an error, and the survivors free
+those requests' blocks. The cluster serves on while one whole prefill group and one decode
+instance live (degraded); after that `add_request` raises `ClusterUnavailable`.
 """
 import itertools
 import logging
@@ -33,27 +35,41 @@ from minicake.serve.launcher import launch, stop
 from minicake.sched.conductor import ConductorConfig
 from minicake.sched.cost_model import CostModel, calibrate, load_profile
 from minicake.sched.live import LiveConductor, SLOUnreachable
-from minicake.serve.messages import (PARENT, Abort, Crashed, HeldBlocks, Mailbox, NewRequest, Outputs, Ready, Shutdown,
-                                     Stats, make_pipes)
+from minicake.serve.messages import (PARENT, Abort, Alive, Crashed, HeldBlocks, Mailbox, NewRequest, Outputs, Ready,
+                                     Shutdown, Stats, error_line, make_pipes)
 from minicake.serve.protocol import RequestRejected
 
 START_TIMEOUT_S = 300.0  # every instance loads its model and reports Ready within this
+# An instance reports from its loop between steps (and a prefill instance after every layer), so
+# the default must outlast the longest step with no report: a 1024-token prefill chunk of the
+# bundled model in a colocated or preempting decode engine took 3.1 s on one thread and 19 s on two
+# oversubscribed ones (this 2-core CPU, shared); 60 s is three times that. Raise it for larger models on CPU.
+HEARTBEAT_TIMEOUT_S = 60.0
 log = logging.getLogger("minicake")
 DEFAULT_PROFILE = str(Path(__file__).parent.parent / "sched" / "profiles" / "smollm2-135m-cpu.json")
 EMPTY_STATS = {"num_running": 0, "num_waiting": 0, "kv_usage": 0.0, "num_free_blocks": 0, "num_blocks": 0,
                "prefix_queries_tokens": 0, "prefix_hits_tokens": 0, "num_preemptions": 0}
 
 
+class ClusterUnavailable(RuntimeError):
+    """The cluster cannot take a request: too few live instances to serve one, or closed."""
+
+
 class Cluster:
     def __init__(self, config: EngineConfig, prefill_instances: int = 1, decode_instances: int = 1,
                  pipeline_stages: int = 1, colocated: bool = False, conductor: ConductorConfig | None = None,
-                 cost: CostModel | None = None):
+                 cost: CostModel | None = None, heartbeat_timeout: float = HEARTBEAT_TIMEOUT_S):
         """conductor: scheduler and admission policy (default: kvcache routing, no admission
-        control); cost: the Conductor's cost profile (default: the one fitted on this machine)."""
+        control); cost: the Conductor's cost profile (default: the one fitted on this machine);
+        heartbeat_timeout: seconds of silence after which an instance is declared hung and killed."""
         for name, value in (("prefill_instances", prefill_instances), ("decode_instances", decode_instances),
                             ("pipeline_stages", pipeline_stages)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(heartbeat_timeout, bool) or not isinstance(heartbeat_timeout, (int, float)) or not (
+                1.0 <= heartbeat_timeout < float("inf")):
+            raise ValueError(f"heartbeat_timeout must be a number of seconds >= 1, got {heartbeat_timeout!r}")
+        self.heartbeat_timeout = heartbeat_timeout
         self.config = config
         path = resolve_model(config.model)  # converts the bundled model once, here, not in every child
         self.model_config = ModelConfig.from_dir(path)
@@ -146,13 +162,19 @@ class Cluster:
         if self._closing:
             return
         self._closing = True
-        for spec in self.specs:
-            self._mailbox.send(spec.rank, Shutdown())
+        # from a thread: a send to a frozen instance whose pipe is full would block until stop() kills it
+        sender = threading.Thread(target=self._send_shutdowns, name="cluster-shutdown", daemon=True)
+        sender.start()
         stop(self.procs, timeout=10.0)
+        sender.join(timeout=1.0)
         self._stopped.set()
         if hasattr(self, "_pump_thread"):
             self._pump_thread.join(timeout=1.0)
         self._mailbox.close()
+
+    def _send_shutdowns(self) -> None:
+        for spec in self.specs:
+            self._mailbox.send(spec.rank, Shutdown())
 
     def __enter__(self):
         return self
@@ -165,8 +187,9 @@ class Cluster:
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Validate (ValueError, nothing changed), ask the Conductor where the request runs
         (RequestRejected when admission control refuses it) and send it to its decode instance."""
-        if self._closing:
-            raise RuntimeError("the cluster is closed")
+        reason = self.unavailable_reason()
+        if reason is not None:
+            raise ClusterUnavailable(reason)
         self._validate(request_id, prompt_token_ids, params)
         with self._lock:
             group, decode_rank, fetch_from, fetch_blocks = self._route(request_id, prompt_token_ids, params)
@@ -210,8 +233,9 @@ class Cluster:
         check_request(request_id, prompt, params, self.model_config.vocab_size, self.max_model_len,
                       self.config.block_size, min(self._num_blocks.values()))
 
-    def abort_request(self, request_id: str) -> None:
-        """Free the request's blocks on every instance; get_outputs reports it finished with "abort"."""
+    def abort_request(self, request_id: str, error: str | None = None) -> None:
+        """Free the request's blocks on every instance; get_outputs reports it finished with
+        "abort" (and `error`, the reason, when the server rather than its client ends it)."""
         with self._lock:
             ranks = self._requests.pop(request_id, None)
             if ranks is not None:
@@ -221,7 +245,7 @@ class Cluster:
         for rank in ranks:
             if rank not in self._dead:
                 self._mailbox.send(rank, Abort(request_id))
-        self._outputs.put(_aborted(request_id, 0, None))
+        self._outputs.put(_aborted(request_id, 0, error))
 
     def get_outputs(self, timeout: float) -> list[StepOutput]:
         """Every output that arrived, waiting up to `timeout` seconds for the first one."""
@@ -241,11 +265,33 @@ class Cluster:
     def is_healthy(self) -> bool:
         return not self._dead and not self._closing
 
+    def unavailable_reason(self) -> str | None:
+        """None while the cluster can serve a request: one whole prefill group and one decode
+        instance (or the colocated one) alive; else why not, naming the dead instances."""
+        if self._closing:
+            return "the cluster is closed"
+        groups_left = not self.prefill_groups or any(not set(g) & set(self._dead) for g in self.prefill_groups)
+        if groups_left and any(r not in self._dead for r in self.decode_ranks):
+            return None
+        return "no instance left to serve requests: " + "; ".join(self._dead[r] for r in sorted(self._dead))
+
+    def health(self) -> dict:
+        """status "ok", "degraded" (dead instances, but it still serves) or "unavailable";
+        dead_instances: role, rank and reason of each."""
+        status = "unavailable" if self.unavailable_reason() else "degraded" if self._dead else "ok"
+        dead = [{"role": s.role, "rank": s.rank, "reason": self._dead[s.rank]}
+                for s in self.specs if s.rank in self._dead]
+        return {"status": status, "dead_instances": dead}
+
     # --- the outbox thread -----------------------------------------------------------
 
     def _pump(self) -> None:
+        heard = {s.rank: time.monotonic() for s in self.specs}  # when each instance last sent anything
         while not self._stopped.is_set():
             for msg in self._mailbox.receive(timeout=0.1):
+                if msg.rank in self._dead:
+                    continue  # declared dead: its requests are aborted already, its stats cleared
+                heard[msg.rank] = time.monotonic()
                 if isinstance(msg, Outputs):
                     self._deliver(msg.outputs)
                 elif isinstance(msg, Stats):
@@ -254,17 +300,32 @@ class Cluster:
                     with self._lock:
                         self.conductor.on_keys(self._prefill_index[msg.rank], msg.added, msg.removed)
                 elif isinstance(msg, Crashed):
-                    self._on_death(msg.rank, f"instance rank {msg.rank} crashed:\n{msg.error}")
-            for spec, p in zip(self.specs, self.procs):
-                if not p.is_alive() and spec.rank not in self._dead and not self._closing:
-                    self._on_death(spec.rank, f"{spec.role} instance (rank {spec.rank}) died "
-                                              f"with exit code {p.exitcode}")
+                    self._on_death(msg.rank, f"{_name(self.specs[msg.rank])} crashed: {error_line(msg.error)}")
+            if not self._closing:
+                self._watch(heard)
+
+    def _watch(self, heard: dict[int, float]) -> None:
+        """Declare dead the instances that exited, and those silent for heartbeat_timeout (killed first)."""
+        for spec, p in zip(self.specs, self.procs):
+            if spec.rank in self._dead:
+                continue
+            if not p.is_alive():
+                self._on_death(spec.rank, f"{_name(spec)} died with exit code {p.exitcode}")
+            elif time.monotonic() - heard[spec.rank] > self.heartbeat_timeout:
+                p.kill()  # SIGKILL works on a stopped process too: it cannot come back half-alive
+                self._on_death(spec.rank, f"{_name(spec)} sent no heartbeat for {self.heartbeat_timeout:g}s: "
+                                          "hung, killed")
 
     def _deliver(self, outputs: list[StepOutput]) -> None:
         with self._lock:
             for out in outputs:
-                if out.request_id not in self._requests:
+                ranks = self._requests.get(out.request_id)
+                if ranks is None:
                     continue  # aborted, or already failed: reported once
+                if out.error:
+                    out.error = error_line(out.error)  # clients see it: one line, no server paths
+                if out.new_token_ids and len(ranks) > 1:  # prefilled: it needs its decode instance only
+                    self._requests[out.request_id] = ranks[-1:]
                 if self.conductor is not None:
                     self.conductor.on_tokens(out.request_id, len(out.new_token_ids))
                 if out.finished:
@@ -275,6 +336,7 @@ class Cluster:
     def _on_death(self, rank: int, reason: str) -> None:
         with self._lock:
             self._dead[rank] = reason
+            self._stats[rank] = dict(EMPTY_STATS)  # a dead instance runs nothing and holds nothing
             hit = [(rid, ranks) for rid, ranks in self._requests.items() if rank in ranks]
             for rid, _ in hit:
                 del self._requests[rid]
@@ -288,6 +350,10 @@ class Cluster:
                 if r not in self._dead:
                     self._mailbox.send(r, Abort(rid))
             self._outputs.put(_aborted(rid, 0, reason))
+
+
+def _name(spec: InstanceSpec) -> str:
+    return f"{spec.role} instance (rank {spec.rank})"
 
 
 def _aborted(request_id: str, num_prompt_tokens: int, error: str | None) -> StepOutput:

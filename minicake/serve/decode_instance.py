@@ -5,7 +5,8 @@ the blocks of a prefix this instance already holds, and only then asks its prefi
 start, saying which blocks not to send. When all layers have arrived and the last prefill
 stage sent the first token, the sequence joins the engine's running batch as if it had been
 prefilled here, as soon as fewer than `max_num_seqs` run, and the ordinary `Engine.step()`
-decodes it. A failed or silent transfer aborts only its own request, with the reason.
+decodes it. A failed or silent transfer, or a request whose sampling state cannot be built,
+aborts only its own request, with the reason.
 """
 import time
 from collections import deque
@@ -74,7 +75,13 @@ class DecodeInstance(Instance):
         bm = self.engine.block_manager
         while self.to_reserve:
             msg = self.to_reserve[0]
-            seq = Sequence(msg.request_id, msg.prompt_token_ids, msg.params)
+            try:
+                seq = Sequence(msg.request_id, msg.prompt_token_ids, msg.params)
+            except Exception as e:  # e.g. a seed torch refuses: only this request fails
+                self.to_reserve.popleft()
+                error = self.request_failed(msg.request_id, e)
+                self.emit([aborted_output(msg.request_id, len(msg.prompt_token_ids), error)])
+                continue
             num_cached = bm.allocate_prefix(seq)  # blocks this instance holds are not sent again
             if not bm.allocate_slots(seq, len(seq) - num_cached):
                 bm.free(seq)

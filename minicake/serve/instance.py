@@ -3,24 +3,28 @@
 `run_instance` is what the launcher starts on every rank: it builds the instance its role
 names (colocated: a plain `Engine`; prefill stage; decode) and runs its loop until the parent
 says `Shutdown`. The loop never blocks for long: it waits on its mailbox only when there is
-nothing to compute, so aborts and shutdowns are seen within a step.
+nothing to compute, so aborts and shutdowns are seen within a step, and it tells the parent
+`Alive` every ALIVE_PERIOD_S (the parent's heartbeat). An exception while handling one
+request's message fails that request only; any other exception ends the instance (`Crashed`).
 """
 import faulthandler
 import logging
 import os
 import signal
 import time
-import traceback
 from dataclasses import dataclass
 
 from minicake.config import EngineConfig
 from minicake.engine import Engine, StepOutput
 from minicake.serve.calibration import startup_timings
-from minicake.serve.messages import PARENT, Abort, Crashed, Mailbox, NewRequest, Outputs, Ready, Shutdown, Stats
+from minicake.serve.messages import (ALIVE_PERIOD_S, PARENT, Abort, Alive, Crashed, Mailbox, NewRequest, Outputs,
+                                     Ready, Shutdown, Stats, error_line)
 
 STATS_PERIOD_S = 0.2  # a busy instance reports its stats at most this often
 IDLE_WAIT_S = 0.05  # mailbox wait of an idle instance
 POLL_WAIT_S = 0.001  # mailbox wait while only transfers are in flight
+
+log = logging.getLogger("minicake.instance")
 
 
 @dataclass
@@ -39,7 +43,7 @@ class Instance:
 
     def __init__(self, spec: InstanceSpec, engine: Engine, mailbox: Mailbox):
         self.spec, self.rank, self.engine, self.mailbox = spec, spec.rank, engine, mailbox
-        self._last_stats, self._stats_time = None, 0.0
+        self._last_stats, self._stats_time, self._alive_time = None, 0.0, 0.0
 
     def serve(self) -> None:
         while True:
@@ -47,9 +51,29 @@ class Instance:
             for msg in self.mailbox.receive(wait):
                 if isinstance(msg, Shutdown):
                     return
-                self.handle(msg)
+                try:
+                    self.handle(msg)
+                except Exception as e:
+                    if not self.fail(msg, e):
+                        raise
             self.work()
             self._report_stats()
+            self.report_alive()
+
+    def fail(self, msg, e: Exception) -> bool:
+        """Handling `msg` raised `e`: fail the one request it is about and return True, or
+        return False when it is about no single request (then the instance ends)."""
+        return False
+
+    def request_failed(self, request_id: str, e: Exception) -> str:
+        """Log the traceback here; return the one-line error the request is aborted with."""
+        log.error("rank %d: request %r failed", self.rank, request_id, exc_info=e)
+        return error_line(f"{type(e).__name__}: {e}")
+
+    def report_alive(self) -> None:
+        if time.monotonic() - self._alive_time >= ALIVE_PERIOD_S:
+            self.mailbox.send(PARENT, Alive(self.rank))
+            self._alive_time = time.monotonic()
 
     def emit(self, outputs: list) -> None:
         if outputs:
@@ -79,14 +103,17 @@ class ColocatedInstance(Instance):
 
     def handle(self, msg) -> None:
         if isinstance(msg, NewRequest):
-            try:
-                self.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.params)
-            except ValueError as e:  # the parent validated already; report, never crash
-                self.emit([aborted_output(msg.request_id, len(msg.prompt_token_ids), str(e))])
+            self.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.params)
         elif isinstance(msg, Abort):
             self.engine.abort_request(msg.request_id)
         else:
             raise AssertionError(f"a colocated instance got {type(msg).__name__}")
+
+    def fail(self, msg, e: Exception) -> bool:
+        if not isinstance(msg, NewRequest):  # the parent validated it already: report, never crash
+            return False
+        self.emit([aborted_output(msg.request_id, len(msg.prompt_token_ids), self.request_failed(msg.request_id, e))])
+        return True
 
     def work(self) -> None:
         if self.engine.has_unfinished_requests():
@@ -110,8 +137,9 @@ def run_instance(rank: int, spec: InstanceSpec, config: EngineConfig, pipe_ends:
         instance = build_instance(spec, engine, mailbox)
         mailbox.send(PARENT, Ready(rank, engine.block_manager.num_blocks, *timings))
         instance.serve()
-    except Exception:  # noqa: BLE001 - the parent turns this into aborted requests
-        mailbox.send(PARENT, Crashed(rank, traceback.format_exc()))
+    except Exception as e:  # noqa: BLE001 - the parent turns this into aborted requests
+        log.error("rank %d crashed", rank, exc_info=e)
+        mailbox.send(PARENT, Crashed(rank, error_line(f"{type(e).__name__}: {e}")))
         code = 1
     mailbox.close()
     # Leave without tearing gloo down: the KV receive threads are still waiting on peers, and

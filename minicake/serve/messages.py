@@ -6,6 +6,7 @@ parent --NewRequest--> decode reserves blocks --Prefill (the reserve-ack)--> pre
 whose layers and the next stages' send K/V to decode; the last stage samples the first token
 --Prefilled--> decode, which streams every token to the parent as `Outputs`.
 """
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -96,9 +97,24 @@ class Stats:  # instance -> parent, whenever it changed (at most a few times a s
 
 
 @dataclass
+class Alive:  # instance -> parent, every ALIVE_PERIOD_S from its loop: the parent's heartbeat
+    rank: int
+
+
+@dataclass
 class Crashed:  # instance -> parent: an exception ended the instance loop
     rank: int
-    error: str
+    error: str  # one line (error_line); the traceback went to the instance's log
+
+
+ALIVE_PERIOD_S = 0.25
+_PATH = re.compile(r"(?<![\w.~-])(?:/[\w.~+-]+){2,}(?::\d+)?")  # /a/b..., a source line's :123 too
+
+
+def error_line(text: str) -> str:
+    """An error as clients may see it: its first line, every absolute path replaced by <path>."""
+    lines = str(text).strip().splitlines()
+    return _PATH.sub("<path>", lines[0] if lines else "unknown error")
 
 
 PARENT = -1  # the mailbox address of the parent process; instances are addressed by rank

@@ -93,7 +93,8 @@ class ServerMetrics:
 
 
 class _InstanceCollector:
-    """Exports the latest `cluster.stats()` snapshot: one label set per instance."""
+    """Exports the latest `cluster.stats()` snapshot: one label set per instance. A dead
+    instance exports `instance_alive` 0 and nothing else: its other series end."""
 
     def __init__(self, metrics: ServerMetrics):
         self.metrics = metrics
@@ -112,9 +113,12 @@ class _InstanceCollector:
         families |= {name: CounterMetricFamily(f"minicake:{name}", doc, labels=labels)
                      for name, doc in counters.items()}
         for s in self.metrics.instance_stats:
+            if not s["alive"]:
+                families["instance_alive"].add_metric([s["role"], str(s["rank"])], 0)
+                continue
             values = {"num_requests_running": s["num_running"],
                       "num_requests_waiting": s["num_waiting"], "kv_cache_usage_perc": s["kv_usage"],
-                      "instance_alive": int(s["alive"]),
+                      "instance_alive": 1,
                       "prefix_cache_queries": s["prefix_queries_tokens"],
                       "prefix_cache_hits": s["prefix_hits_tokens"],
                       "num_preemptions": s["num_preemptions"]}

@@ -71,6 +71,15 @@ class PrefillInstance(Instance):
         else:
             raise AssertionError(f"a prefill instance got {type(msg).__name__}")
 
+    def fail(self, msg, e: Exception) -> bool:
+        """A Prefill that could not be admitted (e.g. a seed torch refuses) fails on its decode instance."""
+        if not isinstance(msg, Prefill):
+            return False
+        error = self.request_failed(msg.request_id, e)
+        self.handle(Abort(msg.request_id))  # whatever of it got in leaves
+        self.mailbox.send(msg.decode_rank, PrefillFailed(msg.xfer_id, error))
+        return True
+
     def busy(self) -> bool:
         return self.engine.scheduler.has_unfinished() or bool(self.batches)
 
@@ -97,7 +106,10 @@ class PrefillInstance(Instance):
                 self.mailbox.send(self.dst_of[xfer_id], PrefillFailed(xfer_id, error))
         if self.fetcher is not None:
             for msg in self.fetcher.poll():
-                self._admit(msg)
+                try:
+                    self._admit(msg)
+                except Exception as e:
+                    self.fail(msg, e)
         if self.stage == 0:
             self._schedule_and_run()
             if len(self.group) == 1:
@@ -121,6 +133,7 @@ class PrefillInstance(Instance):
     def _heartbeat(self) -> None:
         """While computing, tell the decode instances once a second that this rank is alive:
         with send-after-prefill, or a long queue, their K/V may be many seconds away."""
+        self.report_alive()  # and the parent, which otherwise hears from this loop only between steps
         if time.monotonic() - self.last_heartbeat > HEARTBEAT_S:
             for dst in self.spec.decode_ranks:
                 self.mailbox.send(dst, Heartbeat(self.rank))
