@@ -1,11 +1,14 @@
 """Faults: a dead, hung or silent instance aborts its requests with a reason, never a hang or a leak.
 
-Every test kills something on purpose, so each starts its own small cluster of the
+Every test kills something on purpose, so each starts its own small cluster (or server) of the
 tiny Llama checkpoint. The checks: outputs finish with "abort" and an error within the transfer
 (or heartbeat) timeout, the surviving instance's blocks are all free again, the cluster serves
 on while it can and says why not once it cannot, `close()` returns, and no instance process
-outlives its parent, not even a parent killed with SIGKILL.
+outlives its parent, not even a parent killed with SIGKILL. The server ends every stream with
+a final event and `[DONE]`, exits 1 once it cannot serve, and 0 after a SIGTERM.
 """
+import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -13,7 +16,10 @@ import sys
 import textwrap
 import time
 
+import httpx
+import psutil
 import pytest
+from server_process import ServerProcess
 
 from minicake.sampling import SamplingParams
 from minicake.serve.cluster import Cluster, ClusterUnavailable
@@ -237,3 +243,103 @@ def test_no_instance_outlives_a_parent_killed_with_sigkill(tiny_checkpoint):
         time.sleep(0.1)
     assert not any(pid_alive(p) for p in pids), "an instance survived its parent"
 
+
+SERVER_FLAGS = ("--max-model-len", "128", "--num-kv-blocks", "64", "--served-model-name", "tiny")
+STREAM = {"prompt": "The quick brown fox", "max_tokens": 4, "ignore_eos": True, "stream": True}
+
+
+@contextlib.contextmanager
+def serving(tiny_checkpoint, *flags: str):
+    """`python -m minicake.serve` on the tiny Llama; killed on the way out if a test left it running."""
+    server = ServerProcess("--model", str(tiny_checkpoint("llama")), *SERVER_FLAGS, *flags)
+    try:
+        yield server
+    finally:
+        if server.proc.poll() is None:
+            server.stop(signal.SIGKILL, timeout=10)  # its instances die with it (PR_SET_PDEATHSIG)
+
+
+def instance_processes(server: ServerProcess) -> list[psutil.Process]:
+    """The server's instance processes in rank order (the order they were started in)."""
+    procs = [p for p in server.descendants() if "spawn_main" in " ".join(p.cmdline())]
+    return sorted(procs, key=lambda p: (p.create_time(), p.pid))
+
+
+def stream_with_a_stuck_choice(server: ServerProcess, action) -> list[str]:
+    """With prefill rank 1 frozen, stream two choices: the Conductor sends choice 0 to the idle
+    rank 0 and choice 1 to rank 1, whose queue is shorter then. Once choice 0 has finished,
+    the stream waits for choice 1: call action(), return the stream's last two events."""
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=STREAM | {"n": 2}, timeout=60) as response:
+        events = (line for line in response.iter_lines() if line)
+        for event in events:
+            choices = json.loads(event.removeprefix("data: "))["choices"]
+            if choices[0]["index"] == 0 and choices[0]["finish_reason"] is not None:
+                break
+        action()
+        return list(events)[-2:]
+
+
+def health(server: ServerProcess) -> dict:
+    return httpx.get(f"{server.url}/health", timeout=10).json()
+
+
+def error_message(event: str) -> str:
+    return json.loads(event.removeprefix("data: "))["error"]["message"]
+
+
+def wait_gone(procs: list[psutil.Process], limit: float = 10) -> None:
+    wait_until(lambda: not any(pid_alive(p.pid) for p in procs), limit, "every instance process exits")
+
+
+def test_a_request_to_a_hung_decode_process_fails_within_the_heartbeat_timeout_and_the_server_exits_1(
+        tiny_checkpoint):
+    with serving(tiny_checkpoint, "--heartbeat-timeout", f"{HEARTBEAT_S:g}") as server:  # 1P + 1D
+        prefill, decode = instance_processes(server)
+        decode.suspend()  # SIGSTOP
+        start_time = time.monotonic()
+        response = httpx.post(f"{server.url}/v1/completions", json=STREAM, timeout=60)
+        assert time.monotonic() - start_time < HEARTBEAT_S + 5
+        assert response.status_code == 503, "an error envelope, not a stream that starts and fails"
+        assert "decode instance (rank 1) sent no heartbeat for 3s: hung, killed" in response.json()["error"]["message"]
+        assert server.proc.wait(timeout=30) == 1, "nothing can serve: it exits for its supervisor to restart it"
+        wait_gone([prefill, decode])
+
+
+def test_a_killed_prefill_process_of_two_ends_its_stream_and_the_server_serves_on_until_the_decode_dies(
+        tiny_checkpoint):
+    with serving(tiny_checkpoint, "--prefill", "2", "--decode", "1") as server:
+        prefill0, prefill1, decode = instance_processes(server)
+        prefill1.suspend()
+        error, done = stream_with_a_stuck_choice(server, prefill1.kill)
+        # the parent sees the death, or the decode side sees the K/V stream break: either names rank 1
+        assert "rank 1" in error_message(error) and done == "data: [DONE]"
+        wait_until(lambda: health(server)["status"] == "degraded", 10, "the parent notices the death")
+        reason = "prefill instance (rank 1) died with exit code -9"
+        assert health(server) == {"status": "degraded",
+                                  "dead_instances": [{"role": "prefill", "rank": 1, "reason": reason}]}
+        dead = (("rank", "1"), ("role", "prefill"))
+        wait_until(lambda: server.metrics().get(("minicake:instance_alive", dead)) == 0, 10, "/metrics sees it")
+        assert ("minicake:num_requests_running", dead) not in server.metrics(), "its gauges are gone"
+        reply = httpx.post(f"{server.url}/v1/completions", timeout=60, json=STREAM | {"stream": False}).json()
+        assert reply["choices"][0]["finish_reason"] == "length", "the survivors serve"
+        decode.kill()
+        assert server.proc.wait(timeout=30) == 1
+        wait_gone([prefill0, decode])
+
+
+def test_sigterm_ends_a_stream_still_running_after_the_grace_period_and_exits_0(tiny_checkpoint):
+    with serving(tiny_checkpoint, "--prefill", "2", "--decode", "1", "--shutdown-grace", "3") as server:
+        instances = instance_processes(server)
+        instances[1].suspend()
+
+        def sigterm():
+            server.proc.send_signal(signal.SIGTERM)
+            wait_until(lambda: httpx.get(f"{server.url}/health", timeout=10).status_code == 503, 2, "draining")
+            refused = httpx.post(f"{server.url}/v1/completions", json={"prompt": "Hi"}, timeout=10)
+            assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
+
+        error, done = stream_with_a_stuck_choice(server, sigterm)
+        instances[1].resume()
+        assert "the server is shutting down" in error_message(error) and done == "data: [DONE]"
+        assert server.proc.wait(timeout=60) == 0
+        wait_gone(instances)

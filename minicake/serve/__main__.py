@@ -2,12 +2,16 @@
 server in front of them (DESIGN.md 1).
 
 Defaults: the bundled model on 127.0.0.1:8000; on a CPU machine one prefill and one decode
-process over gloo, on a CUDA machine one instance per GPU. SIGINT and SIGTERM stop the HTTP
-server gracefully, then close every instance process.
+process over gloo, on a CUDA machine one instance per GPU. SIGINT and SIGTERM drain the server
+(new requests get 503, running ones --shutdown-grace seconds to finish, then an error), close
+every instance process and exit 0; a second signal stops at once. When too few instances are
+left to serve a request, the server ends its requests with the reason and exits 1, for a
+supervisor to restart it.
 """
 import argparse
 import asyncio
 import logging
+import math
 import os
 import signal
 import sys
@@ -19,9 +23,11 @@ from minicake.config import EngineConfig
 from minicake.serve.api import create_app
 from minicake.sched.conductor import ADMISSIONS, SCHEDULERS, ConductorConfig
 from minicake.sched.cost_model import load_profile
-from minicake.serve.cluster import DEFAULT_PROFILE, Cluster
+from minicake.serve.cluster import DEFAULT_PROFILE, HEARTBEAT_TIMEOUT_S, Cluster
 from minicake.serve.dashboard import Dashboard
 from minicake.serve.metrics import ServerMetrics
+
+log = logging.getLogger("minicake.serve")
 
 ENGINE_FLAGS = ("model", "device", "dtype", "block_size", "max_num_seqs", "max_model_len",
                 "max_num_batched_tokens", "num_kv_blocks", "kv_pool_blocks",
@@ -70,7 +76,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "(judged against --ttft-slo and --tbt-slo)")
     p.add_argument("--profile", default=DEFAULT_PROFILE,
                    help="the Conductor's cost profile (benchmarks/fit_cost_model.py writes one)")
+    p.add_argument("--heartbeat-timeout", type=float, default=HEARTBEAT_TIMEOUT_S,
+                   help="seconds an instance may go silent before it is declared hung and killed "
+                   "(default: %(default)g; raise it where one engine step takes longer)")
+    p.add_argument("--shutdown-grace", type=float, default=10.0,
+                   help="seconds running requests get to finish after SIGINT/SIGTERM before they are "
+                   "aborted (default: %(default)g)")
     args = p.parse_args(argv)
+    if not 0 <= args.shutdown_grace < math.inf:
+        p.error(f"--shutdown-grace must be a finite number of seconds >= 0, got {args.shutdown_grace}")
     if args.admission != "none" and (args.ttft_slo is None or args.tbt_slo is None):
         p.error(f"--admission {args.admission} needs --ttft-slo and --tbt-slo")
     return args
@@ -87,29 +101,67 @@ def instance_counts(args) -> tuple[int, int, bool]:
     return prefill, decode, False
 
 
-async def serve(cluster, args) -> None:
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, except that the first SIGINT or SIGTERM only asks for a drain (see
+    `supervise`): the socket stays open meanwhile, so new requests get a 503, not a refusal."""
+    drain_requested = False
+
+    def handle_exit(self, sig, frame) -> None:
+        if self.drain_requested:  # the second signal: uvicorn's own shutdown, now
+            super().handle_exit(sig, frame)
+        self.drain_requested = True
+
+
+async def supervise(server: DrainingServer, frontend, cluster, grace_s: float) -> int:
+    """Until the server is told to stop, then stop it. Returns the exit code: 0 after a drain
+    asked for by a signal, 1 once the cluster can no longer serve (a supervisor restarts it)."""
+    code = 0
+    while not server.should_exit:
+        if server.drain_requested:
+            log.info("shutting down: running requests get %g s to finish", grace_s)
+            await frontend.drain(f"the server is shutting down (requests still running after "
+                                 f"{grace_s:g} s were aborted)", grace_s)
+            break
+        reason = cluster.unavailable_reason()
+        if reason is not None:
+            log.error("%s: exiting", reason)
+            await frontend.drain(reason, 0.0)
+            code = 1
+            break
+        await asyncio.sleep(0.1)
+    server.should_exit = True
+    return code
+
+
+async def serve(cluster, args) -> int:
+    """Serve until a signal or the cluster's failure ends it; returns the exit code."""
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     metrics = ServerMetrics(args.ttft_slo, args.tbt_slo)
-    config = uvicorn.Config(create_app(cluster, name, metrics), host=args.host, port=args.port,
-                            log_level="warning", timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
+    app = create_app(cluster, name, metrics)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                            timeout_graceful_shutdown=5)  # drained already: this is a backstop
+    server = DrainingServer(config)
     serving = asyncio.create_task(server.serve())
     while not server.started and not serving.done():
         await asyncio.sleep(0.05)
-    if server.started:
-        print(f"minicake serves '{name}' at http://{args.host}:{args.port}/v1", flush=True)
-        dashboard = Dashboard(metrics)
-        dashboard.start()
+    if not server.started:
+        await serving
+        return 1
+    print(f"minicake serves '{name}' at http://{args.host}:{args.port}/v1", flush=True)
+    dashboard = Dashboard(metrics)
+    dashboard.start()
     try:
+        code = await supervise(server, app.state.frontend, cluster, args.shutdown_grace)
         await serving
     finally:
-        if server.started:
-            dashboard.stop()
+        dashboard.stop()
+    return code
 
 
 def main(argv=None) -> None:
-    # SIGTERM behaves like Ctrl-C: uvicorn shuts down gracefully, then re-raises the signal,
-    # which lands here as KeyboardInterrupt so that the cluster is closed below.
+    # SIGTERM behaves like Ctrl-C: while uvicorn serves, DrainingServer handles both; before and
+    # after (and after a second signal, which uvicorn re-raises), they land here as
+    # KeyboardInterrupt, so that the cluster is closed below.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = parse_args(argv)
@@ -128,15 +180,18 @@ def main(argv=None) -> None:
         sys.exit(f"error: {e}")
     try:
         cluster = Cluster(config, prefill_instances=prefill, decode_instances=decode,
-                          pipeline_stages=args.pipeline_stages, colocated=colocated, conductor=conductor, cost=cost)
+                          pipeline_stages=args.pipeline_stages, colocated=colocated, conductor=conductor,
+                          cost=cost, heartbeat_timeout=args.heartbeat_timeout)
     except (OSError, ValueError) as e:  # a missing or invalid model file: the error names it
         sys.exit(f"error: {e}")
+    code = 0
     try:
-        asyncio.run(serve(cluster, args))
+        code = asyncio.run(serve(cluster, args))
     except KeyboardInterrupt:
         pass
     finally:
         cluster.close()
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from starlette.requests import ClientDisconnect
 
 from minicake.sampling import INT64_MIN
 from minicake.sched.live import SLOUnreachable
+from minicake.serve.cluster import ClusterUnavailable
 from minicake.serve.frontend import Frontend
 from minicake.serve.metrics import ServerMetrics
 from minicake.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest,
@@ -76,9 +77,12 @@ def create_app(cluster, served_model_name: str, metrics: ServerMetrics) -> FastA
 
     @app.get("/health")
     async def health():
-        if not cluster.is_healthy():
-            raise APIError(503, "an instance process is dead", type="server_error")
-        return {"status": "ok"}
+        """200 while requests can be served: status "ok", or "degraded" naming the dead
+        instances; 503 (the error envelope, naming them) when not, or while shutting down."""
+        refusal = frontend.refusal or cluster.unavailable_reason()
+        if refusal is not None:
+            raise APIError(503, refusal, type="server_error", code="unavailable")
+        return cluster.health()
 
     @app.get("/v1/models")
     async def models():
@@ -278,6 +282,13 @@ async def respond(request, frontend, req, prompts, max_tokens, max_tokens_param,
         frontend.metrics.rejected.inc()
         raise APIError(429, str(e), type="rate_limit_error", code="rejected",
                        headers={"Retry-After": str(math.ceil(e.retry_after_s))})
+    except ClusterUnavailable as e:
+        raise APIError(503, str(e), type="server_error", code="unavailable")
+    if first[1].error:  # failed before its first token: an error envelope, not a stream
+        await outputs.aclose()  # aborts the request's other choices
+        unavailable = frontend.refusal or frontend.cluster.unavailable_reason()
+        raise APIError(503 if unavailable else 500, f"the request failed: {first[1].error}",
+                       type="server_error", code="unavailable" if unavailable else None)
     if req.stream:  # from here on Starlette cancels the stream when the client leaves
         return StreamingResponse(sse(reply, first, outputs), media_type="text/event-stream")
     return JSONResponse(await cancel_on_disconnect(request, collect(reply, first, outputs)))

@@ -4,6 +4,8 @@ One background thread pulls `cluster.get_outputs` and hands each `StepOutput` to
 queue of the HTTP request it belongs to (`loop.call_soon_threadsafe`). A handler that stops
 listening (client gone, stream cancelled) aborts its requests, which frees their blocks on
 every instance. The thread also snapshots `cluster.stats()` for /metrics and the dashboard.
+`drain` ends the server's requests before it stops: new ones are refused, running ones get a
+grace period, then end with an error (their streams still get a final event and `[DONE]`).
 """
 import asyncio
 import itertools
@@ -14,6 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from minicake.sampling import SamplingParams
+from minicake.serve.cluster import ClusterUnavailable
 from minicake.serve.metrics import ServerMetrics
 from minicake.serve.protocol import APIError
 
@@ -21,6 +24,7 @@ log = logging.getLogger("minicake.serve")
 
 STALL_TIMEOUT_S = 600.0  # no output at all for this long: the request is aborted with an error
 STATS_PERIOD_S = 0.5
+ABORTED_WAIT_S = 5.0  # drain: aborted requests' final outputs reach their handlers within this
 
 
 @dataclass
@@ -43,6 +47,7 @@ class Frontend:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.refusal: str | None = None  # set by drain(): why new requests are refused
 
     def start(self) -> None:
         """Called on the event loop that serves requests (the app's startup)."""
@@ -72,6 +77,21 @@ class Frontend:
                 log.exception("pulling outputs from the cluster failed")
                 self._stop.wait(1.0)
 
+    async def drain(self, reason: str, grace_s: float) -> None:
+        """Refuse new requests with `reason` (ClusterUnavailable), let running ones finish for up
+        to `grace_s` seconds, then abort the rest with `reason` as their error. Returns once every
+        handler got its final output, or after ABORTED_WAIT_S more."""
+        self.refusal = reason
+        await self._until_no_request_runs(grace_s)
+        for request_id in list(self._routes):
+            self.cluster.abort_request(request_id, error=reason)
+        await self._until_no_request_runs(ABORTED_WAIT_S)
+
+    async def _until_no_request_runs(self, limit_s: float) -> None:
+        deadline = time.monotonic() + limit_s
+        while self._routes and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
     def _dispatch(self, outputs: list, now: float) -> None:
         """Runs on the event loop. Outputs of requests nobody waits for (aborted) are dropped."""
         for out in outputs:
@@ -84,8 +104,11 @@ class Frontend:
         """Run one request per (prompt, params) pair, yielding (choice index, StepOutput) as
         tokens arrive, until all finished. Leaving early (exception, cancellation, close)
         aborts whatever is still running. Errors from `add_request` propagate unchanged
-        (ValueError for bad input, RequestRejected from admission control)."""
+        (ValueError for bad input, RequestRejected from admission control, ClusterUnavailable,
+        raised here too while draining)."""
         assert len(prompts) == len(params), "one SamplingParams per prompt"
+        if self.refusal is not None:
+            raise ClusterUnavailable(self.refusal)
         queue: asyncio.Queue = asyncio.Queue()
         base = f"req-{next(self._ids)}"
         ids = [f"{base}-{i}" for i in range(len(prompts))]
