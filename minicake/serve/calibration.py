@@ -2,12 +2,15 @@
 
 Before it says `Ready`, a prefill instance (stage 0 of its group) times PREFILL_ROUNDS prefills
 of each of PREFILL_TOKENS and a decode instance a few decode steps of one request, after a
-warm-up run; the parent rescales the profile to them (`cost_model.calibrate`). Random prompts, prefix
-caching off while timing: no block of them stays keyed, so none is reported to the Conductor.
+warm-up run; the parent rescales the profile to them (`cost_model.calibrate`). CPU instances start timing
+together, once all have loaded (they share the cores). Random prompts, prefix caching off while
+timing: no block of them stays keyed, so none is reported to the Conductor.
 """
 import random
 import time
 from contextlib import contextmanager
+
+import torch.distributed as dist
 
 from minicake.engine import Engine
 from minicake.sampling import SamplingParams
@@ -18,7 +21,10 @@ DECODE_PROMPT, DECODE_WARMUP, DECODE_STEPS = 64, 2, 5  # warm-up steps record th
 
 
 def startup_timings(role: str, stage: int, engine: Engine) -> tuple[list, list]:
-    """(prefill samples, decode samples) as `cost_model.calibrate` takes them; none for other roles."""
+    """(prefill samples, decode samples) as `cost_model.calibrate` takes them; none for other roles.
+    Every rank of the cluster calls it once, after building its engine."""
+    if dist.get_backend() == "gloo":  # no instance times itself next to another still loading its model
+        dist.barrier()  # bounded: the parent ends every instance when one fails to start in time
     rng = random.Random(engine.config.seed)
     if role == "prefill" and stage == 0:
         return time_prefills(engine, rng), []
