@@ -246,6 +246,7 @@ def test_no_instance_outlives_a_parent_killed_with_sigkill(tiny_checkpoint):
 
 SERVER_FLAGS = ("--max-model-len", "128", "--num-kv-blocks", "64", "--served-model-name", "tiny")
 STREAM = {"prompt": "The quick brown fox", "max_tokens": 4, "ignore_eos": True, "stream": True}
+TWO_PREFILL = ("--prefill", "2", "--decode", "1", "--scheduler", "load")
 
 
 @contextlib.contextmanager
@@ -266,9 +267,10 @@ def instance_processes(server: ServerProcess) -> list[psutil.Process]:
 
 
 def stream_with_a_stuck_choice(server: ServerProcess, action) -> list[str]:
-    """With prefill rank 1 frozen, stream two choices: the Conductor sends choice 0 to the idle
-    rank 0 and choice 1 to rank 1, whose queue is shorter then. Once choice 0 has finished,
-    the stream waits for choice 1: call action(), return the stream's last two events."""
+    """With prefill rank 1 frozen, stream two choices: the Conductor (TWO_PREFILL's `load`
+    scheduler) sends choice 0 to rank 0, the first of two idle ones, and choice 1 to rank 1, the
+    less busy then. Once choice 0 has finished, the stream waits for choice 1: call action(),
+    return the stream's last two events."""
     with httpx.stream("POST", f"{server.url}/v1/completions", json=STREAM | {"n": 2}, timeout=60) as response:
         events = (line for line in response.iter_lines() if line)
         for event in events:
@@ -307,7 +309,7 @@ def test_a_request_to_a_hung_decode_process_fails_within_the_heartbeat_timeout_a
 
 def test_a_killed_prefill_process_of_two_ends_its_stream_and_the_server_serves_on_until_the_decode_dies(
         tiny_checkpoint):
-    with serving(tiny_checkpoint, "--prefill", "2", "--decode", "1") as server:
+    with serving(tiny_checkpoint, *TWO_PREFILL) as server:
         prefill0, prefill1, decode = instance_processes(server)
         prefill1.suspend()
         error, done = stream_with_a_stuck_choice(server, prefill1.kill)
@@ -328,7 +330,7 @@ def test_a_killed_prefill_process_of_two_ends_its_stream_and_the_server_serves_o
 
 
 def test_sigterm_ends_a_stream_still_running_after_the_grace_period_and_exits_0(tiny_checkpoint):
-    with serving(tiny_checkpoint, "--prefill", "2", "--decode", "1", "--shutdown-grace", "3") as server:
+    with serving(tiny_checkpoint, *TWO_PREFILL, "--shutdown-grace", "3") as server:
         instances = instance_processes(server)
         instances[1].suspend()
 
