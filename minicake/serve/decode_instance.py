@@ -3,9 +3,9 @@
 A new request first reserves every block its prompt needs (DESIGN.md 2, step 3), reusing
 the blocks of a prefix this instance already holds, and only then asks its prefill group to
 start, saying which blocks not to send. When all layers have arrived and the last prefill
-stage sent the first token, the sequence joins the engine's running batch as if it had been
-prefilled here, as soon as fewer than `max_num_seqs` run, and the ordinary `Engine.step()`
-decodes it. A failed or silent transfer, or a request whose sampling state cannot be built,
+stage sent the first token, the sequence joins the engine's running batch through
+`Engine.add_prefilled`, as soon as fewer than `max_num_seqs` run, and the ordinary
+`Engine.step()` decodes it. A failed or silent transfer, or a request whose sampling state cannot be built,
 aborts only its own request, with the reason.
 """
 import time
@@ -14,10 +14,7 @@ from collections import deque
 import torch
 
 from minicake.cache.transfer import KVReceiver
-from minicake.engine import StepOutput
-from minicake.model.tokenizer import IncrementalDetokenizer
-from minicake.request_state import RequestState
-from minicake.sched.sequence import Sequence, SequenceStatus
+from minicake.sched.sequence import Sequence
 from minicake.serve.instance import Instance, aborted_output
 from minicake.serve.messages import Abort, Heartbeat, NewRequest, Prefill, Prefilled, PrefillFailed
 
@@ -99,26 +96,14 @@ class DecodeInstance(Instance):
 
     def _start_decoding(self, xfer_id: int) -> None:
         """Every layer arrived and the first token is known: join the running batch."""
-        (msg, seq), first = self.receiving.pop(xfer_id), self.prefilled.pop(xfer_id)
+        (_, seq), first = self.receiving.pop(xfer_id), self.prefilled.pop(xfer_id)
         self.kv_complete.discard(xfer_id)
         self.kv_wait_s += max(0.0, time.time() - first.sent_at)
         self.num_transfers += 1
-        engine = self.engine
-        seq.num_computed_tokens = len(seq)
-        engine.block_manager.cache_full_blocks(seq)
         seq.num_cached_tokens = first.num_cached_tokens
         if first.generator_state is not None:  # continue the seeded stream where prefill left it
             seq.generator.set_state(torch.frombuffer(bytearray(first.generator_state), dtype=torch.uint8))
-        seq.status = SequenceStatus.RUNNING
-        engine.scheduler.running.append(seq)
-        state = engine.requests[seq.request_id] = RequestState(seq, IncrementalDetokenizer(engine.tokenizer))
-        seq.append_token(first.first_token)
-        reason, text = state.add_token(first.first_token, engine.eos_token_ids, engine.max_model_len)
-        if reason is not None:
-            engine.scheduler.finish(seq, reason)
-            del engine.requests[seq.request_id]
-        self.emit([StepOutput(seq.request_id, [first.first_token], text, reason is not None, reason,
-                              seq.num_prompt_tokens, seq.num_cached_tokens)])
+        self.emit([self.engine.add_prefilled(seq, first.first_token)])
 
     def _fail(self, xfer_id: int, error: str) -> None:
         """The transfer cannot complete: free the reserved blocks, report the request aborted."""

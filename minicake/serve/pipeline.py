@@ -1,4 +1,4 @@
-"""Chunked pipeline-parallel prefill (DESIGN.md 4.6) and the layer loop that streams K/V (4.5).
+"""Chunked pipeline-parallel prefill (DESIGN.md 4.6) and the K/V sends around each layer (4.5).
 
 A prefill group of S processes splits the model's layers into S contiguous ranges. Stage 0
 schedules (chunked prefill, prefix cache) and describes each step as a `StageBatch`; the batch
@@ -56,6 +56,7 @@ class SampleRow:
 @dataclass
 class StageBatch:
     """One prefill step as plain lists (control plane); hidden states follow on torch.distributed."""
+    request_ids: list[str]
     positions: list[int]
     query_start_loc: list[int]
     context_lens: list[int]
@@ -74,34 +75,36 @@ class StageBatch:
 
 
 class StageRunner:
-    """Runs this stage's layers over a batch and starts the K/V sends after each of them."""
+    """This process's part of a prefill group: its layers, the K/V sends after each of them, and
+    the hidden states to and from the neighbour stages."""
 
     def __init__(self, model, kv_caches, layers: range, sender: KVSender, timeout: float):
         self.model, self.kv_caches, self.layers = model, kv_caches, layers
         self.sender, self.timeout = sender, timeout
         self.hidden_sends: list = []  # (works, tensors) of the hidden states sent downstream
         self.send_s = 0.0  # time this process spent starting K/V sends (gathering the blocks)
-        self.pool = None  # a KVPool (single-stage groups only) whose loads run before each layer
 
     @torch.inference_mode()
     def run_layers(self, hidden, residual, positions, meta: AttentionMetadata, batch: StageBatch, heartbeat):
-        """hidden, residual: [num_tokens, hidden_size] (residual None at layer 0). The model's own
-        layer loop over this stage's layers: pooled blocks load before each layer, the layer's new
-        K/V go to the decode instance after it (layer-wise), and `heartbeat()` keeps peers patient."""
-        def after_layer(i: int) -> None:
-            if batch.layerwise:
-                self._send(batch.sends, i)
-            heartbeat()
-        loading = self.pool is not None and self.pool.begin_loads()
+        """A later stage's step: hidden, residual [num_tokens, hidden_size] from the previous stage
+        through this stage's layers (the model's own loop), K/V sent as `after_layer` says."""
         hidden, residual = self.model.run_layers(hidden, residual, positions, meta, self.kv_caches, self.layers,
-                                                 before_layer=self.pool.before_layer if loading else None,
-                                                 after_layer=after_layer)
-        if loading:
-            self.pool.end_loads()
+                                                 after_layer=lambda i: self.after_layer(batch, i, heartbeat))
+        self.finish_sends(batch)
+        return hidden, residual
+
+    def after_layer(self, batch: StageBatch, layer: int, heartbeat) -> None:
+        """Layer `layer` has written the step's K/V: start sending its new blocks (layer-wise), and
+        `heartbeat()` keeps peers patient."""
+        if batch.layerwise:
+            self._send(batch.sends, layer)
+        heartbeat()
+
+    def finish_sends(self, batch: StageBatch) -> None:
+        """After the stage's last layer: without layer-wise sends, every layer goes now."""
         if not batch.layerwise:
             for i in self.layers:
                 self._send(batch.sends, i)
-        return hidden, residual
 
     def _send(self, sends: list[SendPlan], layer: int) -> None:
         start = time.perf_counter()

@@ -1,11 +1,12 @@
 """A prefill instance: one stage of a prefill group that computes prompts and ships their K/V.
 
-Stage 0 owns the request queue: its engine's scheduler cuts prompts into chunks (prefix
-cache included), and each step becomes a `StageBatch` with, per request, which blocks are
-ready to send. Every stage runs its layers, sends each layer's new blocks to the decode
-instance that reserved them (DESIGN.md 4.5), and hands the hidden states to the next stage
-(4.6). The last stage samples the first token and tells the decode instance `Prefilled`.
-A prefill instance never decodes: a request leaves it once its prompt is computed. A single-stage
+Stage 0 owns the request queue and runs the ordinary `Engine.step()` (chunked prefill, prefix
+cache) with itself plugged in as the step's stage (`Engine.serve_as_prefill`): each step becomes
+a `StageBatch` saying, per request, which blocks are ready to send; after each of its layers
+the new blocks go to the decode instance that reserved them (DESIGN.md 4.5); after its last
+layer it hands the hidden states to the next stage (4.6), or, alone in its group, lets the
+engine sample the first token. Later stages run their layers on what arrives. Whoever samples
+tells the decode instance `Prefilled`. A request leaves the engine once its prompt is computed. A single-stage
 instance also keeps a host KV pool, reports the block keys it holds to the parent (the Conductor's
 index), and pulls a prefix from another prefill instance first when told to (hot-spot migration).
 """
@@ -16,6 +17,7 @@ import torch
 
 from minicake.cache.migration import BlockFetcher, FetchBlocks, FetchReply, holder_send
 from minicake.cache.transfer import KVSender
+from minicake.engine import StepOutput
 from minicake.sampling import sample
 from minicake.sched.live import HeldKeys
 from minicake.sched.sequence import Sequence
@@ -33,17 +35,19 @@ class PrefillInstance(Instance):
         self.stage, self.group = spec.stage, spec.group_ranks
         self.is_last = self.stage == len(self.group) - 1
         self.sender = KVSender(cfg.kv_transfer_timeout)
-        self.runner = StageRunner(engine.model, engine.kv_caches, stage_layers(layers, len(self.group), self.stage),
-                                  self.sender, cfg.kv_transfer_timeout)
-        self.generator = torch.Generator().manual_seed(cfg.seed)  # for unseeded sampled requests
+        self.layers = stage_layers(layers, len(self.group), self.stage)
+        self.runner = StageRunner(engine.model, engine.kv_caches, self.layers, self.sender, cfg.kv_transfer_timeout)
+        self.generator = torch.Generator().manual_seed(cfg.seed)  # stages > 0: for unseeded sampled requests
         self.requests: dict[str, tuple[Sequence, Prefill]] = {}  # stage 0: request id -> its sequence
         self.sent_blocks: dict[str, int] = {}  # stage 0: request id -> blocks sent (or held by decode)
+        self.batch: StageBatch | None = None  # stage 0: the step being run
         self.batches: deque[StageBatch] = deque()  # stages > 0: batches from the previous stage
         self.dst_of: dict[int, int] = {}  # transfer id -> decode rank, to report failed sends
         self.last_heartbeat = 0.0
         self.fetcher, self.held = None, HeldKeys()
+        if self.stage == 0:
+            engine.serve_as_prefill(self)
         if len(self.group) == 1:  # the pool and migration follow stage 0's blocks: single-stage groups only
-            self.runner.pool = engine.block_manager.pool
             self.fetcher = BlockFetcher(engine.block_manager, engine.kv_caches, list(spec.prefill_ranks),
                                         cfg.kv_transfer_timeout, self.rank, mailbox)
 
@@ -61,9 +65,8 @@ class PrefillInstance(Instance):
         elif isinstance(msg, StageBatch):
             self.batches.append(msg)
         elif isinstance(msg, Abort):
-            entry = self.requests.pop(msg.request_id, None)
-            if entry is not None:
-                self.engine.scheduler.finish(entry[0], "abort")
+            if self.requests.pop(msg.request_id, None) is not None:
+                self.engine.abort_request(msg.request_id)
                 del self.sent_blocks[msg.request_id]
             fetching = self.fetcher.fetches.items() if self.fetcher is not None else ()
             for fetch_id in [i for i, f in fetching if f.payload.request_id == msg.request_id]:
@@ -81,16 +84,15 @@ class PrefillInstance(Instance):
         return True
 
     def busy(self) -> bool:
-        return self.engine.scheduler.has_unfinished() or bool(self.batches)
+        return self.engine.has_unfinished_requests() or bool(self.batches)
 
     def waiting_for_peers(self) -> bool:
         return self.sender.num_pending > 0 or (self.fetcher is not None and bool(self.fetcher.fetches))
 
     def _admit(self, msg: Prefill) -> None:
-        seq = Sequence(msg.request_id, msg.prompt_token_ids, msg.params)
+        seq = self.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.params)
         self.requests[msg.request_id] = (seq, msg)
         self.sent_blocks[msg.request_id] = msg.first_block
-        self.engine.scheduler.add(seq)
 
     def _report_blocks(self) -> None:
         """Tell the parent which block keys were gained and lost (device cache and pool), batched."""
@@ -111,7 +113,7 @@ class PrefillInstance(Instance):
                 except Exception as e:
                     self.fail(msg, e)
         if self.stage == 0:
-            self._schedule_and_run()
+            self._step()
             if len(self.group) == 1:
                 self._report_blocks()
         elif self.batches:
@@ -121,7 +123,11 @@ class PrefillInstance(Instance):
                 hidden, residual = self.runner.recv_hidden(len(batch.positions), self.engine.model_config.hidden_size,
                                                            self.engine.kv_caches[0][0].dtype, self.engine.device,
                                                            src=self.group[self.stage - 1])
-                self._forward(hidden, residual, positions, meta, batch)
+                hidden, residual = self.runner.run_layers(hidden, residual, positions, meta, batch, self._heartbeat)
+                if not self.is_last:
+                    self._pass_on(hidden, residual, batch)
+                elif batch.samples:
+                    self._sample(hidden, residual, batch.samples)
             except NeighbourFailed as e:  # the requests of this batch fail like a failed K/V send
                 for xfer_id, dst in {(s.xfer_id, s.dst) for s in batch.sends + batch.samples}:
                     self.mailbox.send(dst, PrefillFailed(xfer_id, str(e)))
@@ -139,31 +145,43 @@ class PrefillInstance(Instance):
                 self.mailbox.send(dst, Heartbeat(self.rank))
             self.last_heartbeat = time.monotonic()
 
-    def _schedule_and_run(self) -> None:
-        seqs = self.engine.scheduler.schedule()
-        if not seqs:
+    def _step(self) -> None:
+        """Stage 0: one engine step; prompts it finished move on to their decode instances."""
+        if not self.engine.has_unfinished_requests():
             return
-        input_ids, positions, meta = self.engine.runner.prepare(seqs)
-        batch = self._describe(seqs, positions, meta)
-        with torch.inference_mode():
-            hidden = self.engine.model.embed(input_ids)  # [num_tokens, hidden_size]
         try:
-            self._forward(hidden, None, positions, meta, batch)
+            outputs = self.engine.step()
         except NeighbourFailed as e:
-            self._abort_step(seqs, str(e))
+            self._abort_step(str(e))
             return
-        self._advance(seqs)
+        for out in outputs:
+            self._prefilled(out)
 
-    def _abort_step(self, seqs: list[Sequence], error: str) -> None:
+    def _prefilled(self, out: StepOutput) -> None:
+        """A request's prompt is computed here (or it was aborted): it leaves this instance. Alone in
+        its group, this process sampled the first token and tells the decode instance."""
+        entry = self.requests.pop(out.request_id, None)
+        self.sent_blocks.pop(out.request_id, None)
+        if entry is None or not out.new_token_ids:  # aborted, or the last stage samples it
+            return
+        seq, prefill = entry
+        state = None if seq.generator is None else seq.generator.get_state().numpy().tobytes()
+        self.mailbox.send(prefill.decode_rank, Prefilled(prefill.xfer_id, out.new_token_ids[0], state,
+                                                         seq.num_cached_tokens, time.time()))
+
+    def _abort_step(self, error: str) -> None:
         """The next stage failed: the step's requests free their blocks here and fail on their
         decode instances the way a failed K/V send does (PrefillFailed)."""
-        for seq in seqs:
-            prefill = self.requests.pop(seq.request_id)[1]
-            del self.sent_blocks[seq.request_id]
-            self.engine.scheduler.finish(seq, "abort")
-            self.mailbox.send(prefill.decode_rank, PrefillFailed(prefill.xfer_id, error))
+        for xfer_id, dst in {(s.xfer_id, s.dst) for s in self.batch.sends + self.batch.samples}:
+            self.mailbox.send(dst, PrefillFailed(xfer_id, error))
+        for request_id in self.batch.request_ids:
+            self.requests.pop(request_id)
+            del self.sent_blocks[request_id]
+            self.engine.abort_request(request_id)
 
-    def _describe(self, seqs: list[Sequence], positions, meta) -> StageBatch:
+    # --- the engine's step calls these (Engine.serve_as_prefill): stage 0 only -----------------
+
+    def begin(self, seqs: list[Sequence], positions, meta) -> None:
         """The step as a StageBatch: the blocks each request completes now are sent."""
         bm, layerwise = self.engine.block_manager, self.engine.config.kv_transfer_layerwise
         query_start_loc = meta.query_start_loc.tolist()
@@ -181,19 +199,28 @@ class PrefillInstance(Instance):
             if done:
                 samples.append(SampleRow(query_start_loc[i + 1] - 1, prefill.xfer_id, prefill.decode_rank,
                                          seq.params, seq.num_cached_tokens))
-        return StageBatch(positions.tolist(), query_start_loc, meta.context_lens.tolist(),
-                          meta.block_tables.tolist(), meta.slot_mapping.tolist(), sends, samples, layerwise)
+        self.batch = StageBatch([seq.request_id for seq in seqs], positions.tolist(), query_start_loc,
+                                meta.context_lens.tolist(), meta.block_tables.tolist(), meta.slot_mapping.tolist(),
+                                sends, samples, layerwise)
 
-    def _forward(self, hidden, residual, positions, meta, batch: StageBatch) -> None:
-        hidden, residual = self.runner.run_layers(hidden, residual, positions, meta, batch, self._heartbeat)
-        if not self.is_last:
-            nxt = self.group[self.stage + 1]
-            self.runner.send_hidden(hidden, residual, nxt)  # posted before the batch is announced
-            self.mailbox.send(nxt, batch)
-            for s in batch.sends:
-                self.dst_of[s.xfer_id] = s.dst
-        elif batch.samples:
-            self._sample(hidden, residual, batch.samples)
+    def after_layer(self, layer: int) -> None:
+        self.runner.after_layer(self.batch, layer, self._heartbeat)
+
+    def end(self, hidden, residual) -> bool:
+        """After this stage's last layer: True lets the engine sample (a group of one stage);
+        otherwise the hidden states go to the next stage (NeighbourFailed if it cannot take them)."""
+        self.runner.finish_sends(self.batch)
+        if self.is_last:
+            return True
+        self._pass_on(hidden, residual, self.batch)
+        return False
+
+    def _pass_on(self, hidden, residual, batch: StageBatch) -> None:
+        nxt = self.group[self.stage + 1]
+        self.runner.send_hidden(hidden, residual, nxt)  # posted before the batch is announced
+        self.mailbox.send(nxt, batch)
+        for s in batch.sends:
+            self.dst_of[s.xfer_id] = s.dst
 
     @torch.inference_mode()
     def _sample(self, hidden, residual, samples: list[SampleRow]) -> None:
@@ -207,16 +234,3 @@ class PrefillInstance(Instance):
         for s, token, g in zip(samples, tokens, generators):
             state = None if g is None else g.get_state().numpy().tobytes()
             self.mailbox.send(s.dst, Prefilled(s.xfer_id, token, state, s.num_cached_tokens, now))
-
-    def _advance(self, seqs: list[Sequence]) -> None:
-        """Stage 0 after its layers ran: count the tokens computed, release finished prompts
-        (their blocks stay in the prefix cache; later stages see the same block ids in order)."""
-        bm = self.engine.block_manager
-        for seq in seqs:
-            done = seq.step_done()
-            seq.num_computed_tokens += seq.num_scheduled_tokens
-            seq.num_scheduled_tokens = 0
-            bm.cache_full_blocks(seq)
-            if done:
-                self.engine.scheduler.finish(seq, "prefilled")
-                del self.requests[seq.request_id], self.sent_blocks[seq.request_id]

@@ -5,7 +5,6 @@ built, the layout the kernel reads) and otherwise runs the model's own torch for
 twin is never wrong, only sometimes no faster. `PackedLinear` holds its weight rearranged for
 the C matmul (`pack_weights`, as vLLM's `process_weights_after_loading` rearranges weights).
 """
-import torch
 from torch import nn
 
 from minicake.model.attention import AttentionMetadata, PagedAttention
