@@ -41,6 +41,14 @@ class EngineConfig:
     kv_transfer_timeout: float = 30.0
     kv_transfer_layerwise: bool = True
 
+    def max_model_len_for(self, model_config) -> int:
+        """The longest sequence an engine of this model takes: max_model_len, by default the
+        model's max_position_embeddings (RoPE has no angles past it, so more is refused)."""
+        if (self.max_model_len or 0) > model_config.max_position_embeddings:
+            raise ValueError(f"max_model_len {self.max_model_len} is more than the model's "
+                             f"max_position_embeddings {model_config.max_position_embeddings}")
+        return self.max_model_len or model_config.max_position_embeddings
+
     def __post_init__(self):
         _positive("block_size", self.block_size)
         _positive("max_num_seqs", self.max_num_seqs)

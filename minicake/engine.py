@@ -36,10 +36,15 @@ class StepOutput:
     new_token_ids: list[int]
     new_text: str
     finished: bool
-    finish_reason: str | None  # "stop" | "length" | "abort" | None
+    finish_reason: str | None  # "stop" | "length" | "abort" | "prefilled" (a prefill instance's) | None
     num_prompt_tokens: int
     num_cached_tokens: int
     error: str | None = None  # why an aborted request failed (a dead instance, a timeout)
+
+    @staticmethod
+    def aborted(request_id: str, num_prompt_tokens: int, error: str | None) -> "StepOutput":
+        """The last output of a request that ended before its tokens (`error`: why, or None)."""
+        return StepOutput(request_id, [], "", True, "abort", num_prompt_tokens, 0, error=error)
 
 
 def check_request(request_id: str, prompt: list[int], params: SamplingParams, vocab_size: int,
@@ -73,14 +78,11 @@ class Engine:
             torch.set_num_threads(config.num_threads or os.cpu_count())
         self.model_dir = path = resolve_model(config.model)
         self.model_config = ModelConfig.from_dir(path)
-        if (config.max_model_len or 0) > self.model_config.max_position_embeddings:  # RoPE has no angles past it
-            raise ValueError(f"max_model_len {config.max_model_len} is more than the model's "
-                             f"max_position_embeddings {self.model_config.max_position_embeddings}")
+        self.max_model_len = config.max_model_len_for(self.model_config)
         self.tokenizer = Tokenizer.from_dir(path)
         dtype = getattr(torch, config.dtype) if config.dtype else None
         self.model = load_model(path, self.device, dtype)
         self.platform = apply_platform(self.model, self.device, config.kernels)
-        self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         self.eos_token_ids = set(self.model_config.eos_token_ids)
         self.kv_caches = self._allocate_kv_caches(next(self.model.parameters()).dtype)
         num_blocks = self.kv_caches[0][0].shape[0]

@@ -32,7 +32,7 @@ class LLM:
         prefill groups of `pipeline_stages` processes and `decode_instances` decode processes
         (minicake.serve.cluster), routed by the Conductor (`conductor`: a ConductorConfig, `cost`:
         a CostModel); call close() or use `with LLM(...) as llm:` to end them. A request that
-        admission control refuses raises minicake.serve.protocol.RequestRejected."""
+        admission control refuses raises minicake.sched.live.RequestRejected."""
         config = EngineConfig(model=model, device=device, **engine_settings)
         if prefill_instances:
             from minicake.serve.cluster import Cluster, ClusterEngine
@@ -65,9 +65,7 @@ class LLM:
         if not isinstance(messages, list) or not messages:
             raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts, or a list of such lists")
         conversations = [messages] if isinstance(messages[0], dict) else messages
-        texts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
-        # the template writes its own special tokens
-        token_lists = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        texts, token_lists = zip(*(self.tokenizer.encode_chat(c) for c in conversations))
         return self._generate(texts, token_lists, sampling_params, use_tqdm)
 
     def _generate(self, texts, token_lists, sampling_params, use_tqdm) -> list[RequestOutput]:

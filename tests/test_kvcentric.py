@@ -96,7 +96,7 @@ from minicake.engine import Engine  # noqa: E402
 from minicake.llm import LLM  # noqa: E402
 from minicake.sampling import SamplingParams  # noqa: E402
 from minicake.sched.live import SLOUnreachable  # noqa: E402
-from minicake.serve.protocol import RequestRejected  # noqa: E402
+from minicake.sched.live import RequestRejected  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 SETTINGS = dict(device="cpu", block_size=BLOCK, num_kv_blocks=24, kv_pool_blocks=64, max_num_batched_tokens=32,

@@ -293,8 +293,8 @@ def test_unsupported_parameters_at_their_neutral_value_are_accepted(colocated):
 
 def test_an_unexpected_exception_is_a_500_envelope_that_names_no_server_path(checkpoint):
     class BrokenCluster:  # what create_app reads, and an add_request that fails unexpectedly
-        config = SimpleNamespace(max_model_len=MAX_MODEL_LEN)
-        model_config = SimpleNamespace(vocab_size=512, max_position_embeddings=MAX_MODEL_LEN)
+        max_model_len = MAX_MODEL_LEN
+        model_config = SimpleNamespace(vocab_size=512)
         tokenizer = Tokenizer.from_dir(checkpoint)
 
         def add_request(self, request_id, prompt, params):

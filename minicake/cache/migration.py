@@ -36,7 +36,7 @@ class FetchReply:  # B -> A, before B's sends: blocks first_block .. first_block
 @dataclass
 class _Fetch:
     staging: Sequence  # holds the local prefix and the reserved blocks while the fetch runs
-    payload: object  # what to resume once the blocks are in (the Prefill message)
+    payload: object  # what to resume once the blocks are in (the StartPrefill message)
     first_block: int
     num_real: int | None = None  # known once FetchReply arrived
     arrived: bool | None = None  # True: every layer arrived; False: the transfer failed

@@ -30,11 +30,11 @@ class KVSender:
 
     def __init__(self, timeout: float):
         self.timeout = timeout
-        self.results: queue.SimpleQueue = queue.SimpleQueue()  # (xfer_id, error or None), one per send
+        self.results: queue.SimpleQueue = queue.SimpleQueue()  # (transfer_id, error or None), one per send
         self.waiters: dict[int, queue.SimpleQueue] = {}  # dst rank -> sends its thread waits for
         self.num_pending = 0
 
-    def send_layer(self, xfer_id: int, dst: int, layer: int, first_block: int,
+    def send_layer(self, transfer_id: int, dst: int, layer: int, first_block: int,
                    block_ids: list[int], k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
         """Send one layer's blocks `block_ids`, which are the request's blocks first_block,
         first_block+1, ... of its block table. k_cache, v_cache: [num_blocks, block_size,
@@ -42,7 +42,7 @@ class KVSender:
         assert block_ids, "send at least one block"
         idx = torch.tensor(block_ids, device=k_cache.device)
         payload = torch.stack((k_cache[idx], v_cache[idx]))  # [2, n, block_size, num_kv_heads, head_dim]
-        header = torch.tensor([xfer_id, layer, first_block, len(block_ids)],
+        header = torch.tensor([transfer_id, layer, first_block, len(block_ids)],
                               dtype=torch.int64, device=k_cache.device)
         try:
             works = [dist.isend(header, dst, tag=HEADER_TAG), dist.isend(payload, dst, tag=PAYLOAD_TAG)]
@@ -53,22 +53,22 @@ class KVSender:
             threading.Thread(target=self._wait_sends, args=(dst, self.waiters[dst]),
                              name=f"kv-send-{dst}", daemon=True).start()
         self.num_pending += 1
-        self.waiters[dst].put((xfer_id, works, payload))  # the payload lives until its send ends
+        self.waiters[dst].put((transfer_id, works, payload))  # the payload lives until its send ends
 
     def poll(self) -> list[tuple[int, str]]:
         """(transfer id, reason) for each send that failed or timed out since the last poll."""
         failed = []
         while not self.results.empty():
-            xfer_id, error = self.results.get()
+            transfer_id, error = self.results.get()
             self.num_pending -= 1
             if error is not None:
-                failed.append((xfer_id, error))
+                failed.append((transfer_id, error))
         return failed
 
     def _wait_sends(self, dst: int, sends: queue.SimpleQueue) -> None:
         error = None  # after one failure the stream to dst is out of step: fail every later send
         while True:
-            xfer_id, works, _payload = sends.get()
+            transfer_id, works, _payload = sends.get()
             try:
                 if isinstance(works, Exception):
                     raise works
@@ -77,7 +77,7 @@ class KVSender:
                         w.wait(timeout=timedelta(seconds=self.timeout))
             except Exception as e:  # noqa: BLE001 - a dead peer or a timeout, reported as text
                 error = f"KV send to rank {dst} failed: {e}"
-            self.results.put((xfer_id, error))
+            self.results.put((transfer_id, error))
 
 
 @dataclass
@@ -107,16 +107,16 @@ class KVReceiver:
         for src in sources:
             threading.Thread(target=self._receive_stream, args=(src,), name=f"kv-recv-{src}", daemon=True).start()
 
-    def expect(self, xfer_id: int, block_ids: list[int], first_block: int, sources: list[int]) -> None:
+    def expect(self, transfer_id: int, block_ids: list[int], first_block: int, sources: list[int]) -> None:
         """Blocks first_block.. of `block_ids` will arrive for every layer from `sources`."""
         assert 0 <= first_block < len(block_ids), "a transfer sends at least the last block"
-        assert xfer_id not in self.expected, f"transfer {xfer_id} is already expected"
+        assert transfer_id not in self.expected, f"transfer {transfer_id} is already expected"
         remaining = len(self.k_caches) * (len(block_ids) - first_block)
-        self.expected[xfer_id] = _Expected(list(block_ids), first_block, set(sources), remaining, time.monotonic())
+        self.expected[transfer_id] = _Expected(list(block_ids), first_block, set(sources), remaining, time.monotonic())
 
-    def forget(self, xfer_id: int) -> None:
+    def forget(self, transfer_id: int) -> None:
         """Stop expecting a transfer (aborted): its blocks may be freed, late payloads are dropped."""
-        self.expected.pop(xfer_id, None)
+        self.expected.pop(transfer_id, None)
 
     def heard_from(self, src: int) -> None:
         """The source is alive and computing (a control-plane heartbeat): restart its silence clock."""
@@ -134,18 +134,18 @@ class KVReceiver:
             else:
                 self._store(*header, payload)
         done, failed, now = [], [], time.monotonic()
-        for xfer_id, exp in list(self.expected.items()):
+        for transfer_id, exp in list(self.expected.items()):
             errors = [self.errors[s] for s in exp.sources if s in self.errors]
             quiet_since = max([exp.since] + [self.last_progress[s] for s in exp.sources])
             if exp.remaining == 0:
-                done.append(xfer_id)
+                done.append(transfer_id)
             elif errors:
-                failed.append((xfer_id, errors[0]))
+                failed.append((transfer_id, errors[0]))
             elif now - quiet_since > self.timeout:
-                failed.append((xfer_id, f"no KV from ranks {sorted(exp.sources)} for {self.timeout:.0f}s"))
+                failed.append((transfer_id, f"no KV from ranks {sorted(exp.sources)} for {self.timeout:.0f}s"))
             else:
                 continue
-            del self.expected[xfer_id]
+            del self.expected[transfer_id]
         return done, failed
 
     def _receive_stream(self, src: int) -> None:
@@ -161,14 +161,14 @@ class KVReceiver:
         except Exception as e:  # noqa: BLE001 - a dead peer ends the stream; the reason is reported
             self.arrived.put((src, None, f"KV stream from rank {src} failed: {e}"))
 
-    def _store(self, xfer_id: int, layer: int, first_block: int, num_blocks: int, payload: torch.Tensor) -> None:
+    def _store(self, transfer_id: int, layer: int, first_block: int, num_blocks: int, payload: torch.Tensor) -> None:
         """payload: [2, num_blocks, block_size, num_kv_heads, head_dim], K then V."""
-        exp = self.expected.get(xfer_id)
+        exp = self.expected.get(transfer_id)
         if exp is None:
             return  # aborted or timed out: drop
-        assert 0 <= layer < len(self.k_caches), f"transfer {xfer_id}: layer {layer} out of range"
+        assert 0 <= layer < len(self.k_caches), f"transfer {transfer_id}: layer {layer} out of range"
         assert exp.first_block <= first_block and first_block + num_blocks <= len(exp.block_ids), \
-            f"transfer {xfer_id}: blocks {first_block}..{first_block + num_blocks} outside the reserved ones"
+            f"transfer {transfer_id}: blocks {first_block}..{first_block + num_blocks} outside the reserved ones"
         idx = torch.tensor(exp.block_ids[first_block:first_block + num_blocks], device=payload.device)
         self.k_caches[layer][idx] = payload[0]
         self.v_caches[layer][idx] = payload[1]

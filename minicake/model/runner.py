@@ -59,10 +59,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, seqs: list[Sequence]) -> list[int]:
-        """Run one step; returns one token per sequence whose step_done() is True, in order (none
+        """Run one step; returns one token per sequence whose step reaches its end, in order (none
         on a pipeline stage that hands its hidden states on)."""
         input_ids, positions, meta = self.prepare(seqs)
-        sampled = [i for i, seq in enumerate(seqs) if seq.step_done()]
+        sampled = [i for i, seq in enumerate(seqs) if seq.step_reaches_end()]
         params = [seqs[i].params for i in sampled]
         generators = [seqs[i].generator for i in sampled]
         if self.decode_graphs is not None and len(sampled) == len(input_ids) and self.stage is None and not (

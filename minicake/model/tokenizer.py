@@ -74,6 +74,12 @@ class Tokenizer:
         return _compile(self.chat_template).render(
             messages=messages, add_generation_prompt=add_generation_prompt, **special)
 
+    def encode_chat(self, messages: list[Message]) -> tuple[str, list[int]]:
+        """A conversation through the chat template, the assistant's turn opened: its text and its
+        token ids (the template writes the special tokens itself)."""
+        text = self.apply_chat_template(messages, add_generation_prompt=True)
+        return text, self.encode(text, add_special_tokens=False)
+
     def _special_text(self, name: str) -> str | None:
         token = self.config.get(name)
         return token["content"] if isinstance(token, dict) else token

@@ -18,6 +18,15 @@ from minicake.sched.conductor import (BlockIndex, Conductor, ConductorConfig, De
 from minicake.sched.cost_model import CostModel
 
 
+class RequestRejected(Exception):
+    """Raised by `Cluster.add_request` when admission control refuses a request for now (DESIGN.md
+    4.7); `retry_after_s`: when the predicted queue will let it meet the SLO (the server's 429)."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class SLOUnreachable(ValueError):
     """Raised by `Cluster.add_request` for a request that admission control would refuse even
     alone on an idle cluster: like bad input, it can never run as sent (the server answers 400)."""

@@ -68,7 +68,7 @@ class Scheduler:
         blocks those filled get their prefix keys, and the sequences whose step computed their
         last token are returned, in order: each of them gets a new token (or, on a prefill
         instance, its prompt is done)."""
-        reached_end = [seq for seq in seqs if seq.step_done()]
+        reached_end = [seq for seq in seqs if seq.step_reaches_end()]
         for seq in seqs:
             seq.num_computed_tokens += seq.num_scheduled_tokens
             seq.num_scheduled_tokens = 0

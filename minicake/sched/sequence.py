@@ -57,8 +57,9 @@ class Sequence:
         assert 0 <= self.num_computed_tokens <= len(self), "computed tokens exceed the sequence"
         return len(self) - self.num_computed_tokens
 
-    def step_done(self) -> bool:
-        """True when the step just run reaches the last token: a new token is sampled."""
+    def step_reaches_end(self) -> bool:
+        """True when this step computes the sequence's last token: its next token is sampled (or, on
+        a prefill instance, its prompt is done)."""
         return self.num_computed_tokens + self.num_scheduled_tokens == len(self)
 
     def append_token(self, token_id: int) -> None:

@@ -24,12 +24,11 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from minicake.sampling import INT64_MIN
-from minicake.sched.live import SLOUnreachable
+from minicake.sched.live import RequestRejected, SLOUnreachable
 from minicake.serve.cluster import ClusterUnavailable
 from minicake.serve.frontend import Frontend
 from minicake.serve.metrics import ServerMetrics
-from minicake.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest,
-                                     RequestRejected, parse_request, request_schemas)
+from minicake.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_request, request_schemas
 
 log = logging.getLogger("minicake.serve")
 
@@ -87,7 +86,7 @@ def create_app(cluster, served_model_name: str, metrics: ServerMetrics) -> FastA
     @app.get("/v1/models")
     async def models():
         card = {"id": served_model_name, "object": "model", "created": 0, "owned_by": "minicake",
-                "max_model_len": max_model_len(cluster)}
+                "max_model_len": cluster.max_model_len}
         return {"object": "list", "data": [card]}
 
     @app.get("/metrics")
@@ -100,7 +99,7 @@ def create_app(cluster, served_model_name: str, metrics: ServerMetrics) -> FastA
         check_model(req.model, served_model_name)
         prompts = await asyncio.to_thread(tokenize_prompt, req.prompt, cluster, max_chars)
         limits = [req.max_tokens if req.max_tokens is not None else
-                  max(1, max_model_len(cluster) - len(p)) for p in prompts]
+                  max(1, cluster.max_model_len - len(p)) for p in prompts]
         return await respond(request, frontend, req, prompts, limits, "max_tokens", "prompt",
                              served_model_name)
 
@@ -112,15 +111,11 @@ def create_app(cluster, served_model_name: str, metrics: ServerMetrics) -> FastA
         limit_param, limit = next(
             ((name, getattr(req, name)) for name in ("max_completion_tokens", "max_tokens")
              if getattr(req, name) is not None),
-            ("max_tokens", max(1, max_model_len(cluster) - len(prompt))))
+            ("max_tokens", max(1, cluster.max_model_len - len(prompt))))
         return await respond(request, frontend, req, [prompt], [limit], limit_param, "messages",
                              served_model_name)
 
     return app
-
-
-def max_model_len(cluster) -> int:
-    return cluster.config.max_model_len or cluster.model_config.max_position_embeddings
 
 
 def error_response(e: APIError) -> Response:
@@ -151,7 +146,7 @@ def max_prompt_chars(cluster) -> int:
     tokens: it is refused before it is tokenized."""
     tok = cluster.tokenizer
     longest = max(len(tok.decode([i], skip_special_tokens=False)) for i in range(tok.vocab_size))
-    return max_model_len(cluster) * (longest + 1)
+    return cluster.max_model_len * (longest + 1)
 
 
 async def read_body(request: Request) -> bytes:
@@ -211,8 +206,7 @@ def apply_chat_template(req: ChatCompletionRequest, cluster, max_chars: int) -> 
                        "plain prompt", "messages")
     messages = [{"role": m.role, "content": m.text()} for m in req.messages]
     check_chars(sum(len(m["content"]) for m in messages), max_chars, "messages")
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    ids = tokenizer.encode(text, add_special_tokens=False)  # the template wrote its specials
+    _, ids = tokenizer.encode_chat(messages)
     check_tokens(ids, cluster, "messages")
     return ids
 
@@ -226,9 +220,9 @@ def check_chars(num_chars: int, max_chars: int, param: str) -> None:
 def check_tokens(ids: list[int], cluster, param: str) -> None:
     """check_request refuses it too, but on the event loop, after walking every token id:
     millions of ids are refused here first, in the worker thread."""
-    if len(ids) >= max_model_len(cluster):
+    if len(ids) >= cluster.max_model_len:
         raise APIError(400, f"the prompt has {len(ids)} tokens but max_model_len is "
-                       f"{max_model_len(cluster)} (at least one token must be left to "
+                       f"{cluster.max_model_len} (at least one token must be left to "
                        "generate)", param)
 
 

@@ -34,10 +34,9 @@ from minicake.serve.instance import InstanceSpec, run_instance
 from minicake.serve.launcher import launch, stop
 from minicake.sched.conductor import ConductorConfig
 from minicake.sched.cost_model import CostModel, calibrate, load_profile
-from minicake.sched.live import LiveConductor, SLOUnreachable
-from minicake.serve.messages import (PARENT, Abort, Alive, Crashed, HeldBlocks, Mailbox, NewRequest, Outputs, Ready,
+from minicake.sched.live import LiveConductor, RequestRejected, SLOUnreachable
+from minicake.serve.messages import (PARENT, Abort, Crashed, HeldBlocks, Mailbox, NewRequest, Outputs, Ready,
                                      Shutdown, Stats, error_line, make_pipes)
-from minicake.serve.protocol import RequestRejected
 
 START_TIMEOUT_S = 300.0  # every instance loads its model and reports Ready within this
 # An instance reports from its loop between steps (and a prefill instance after every layer), so
@@ -75,7 +74,7 @@ class Cluster:
         self.model_config = ModelConfig.from_dir(path)
         self.tokenizer = Tokenizer.from_dir(path)
         check_weight_files(path)  # a bad weights file fails here, in one line, not in every instance
-        self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
+        self.max_model_len = config.max_model_len_for(self.model_config)
         if pipeline_stages > self.model_config.num_hidden_layers:
             raise ValueError(f"pipeline_stages={pipeline_stages} exceeds the model's "
                              f"{self.model_config.num_hidden_layers} layers")
@@ -89,7 +88,7 @@ class Cluster:
         self.cost = cost or load_profile(DEFAULT_PROFILE)
         self.conductor: LiveConductor | None = None  # built once the decode instances said how big they are
         self._prefill_index = {r: i for i, g in enumerate(self.prefill_groups) for r in g}  # rank -> instance
-        self._xfer_ids = itertools.count(1)
+        self._transfer_ids = itertools.count(1)
         self._requests: dict[str, tuple[int, ...]] = {}  # request id -> ranks it touches
         self._lock = threading.Lock()
         self._outputs: queue.Queue = queue.Queue()
@@ -197,10 +196,10 @@ class Cluster:
             dead = [r for r in ranks if r in self._dead]
             if dead:
                 self._finish_in_conductor(request_id, aborted=True)
-                self._outputs.put(_aborted(request_id, len(prompt_token_ids), self._dead[dead[0]]))
+                self._outputs.put(StepOutput.aborted(request_id, len(prompt_token_ids), self._dead[dead[0]]))
                 return
             self._requests[request_id] = ranks
-        msg = NewRequest(request_id, list(prompt_token_ids), params, next(self._xfer_ids), group,
+        msg = NewRequest(request_id, list(prompt_token_ids), params, next(self._transfer_ids), group,
                          fetch_from, fetch_blocks)
         self._mailbox.send(decode_rank, msg)
 
@@ -245,7 +244,7 @@ class Cluster:
         for rank in ranks:
             if rank not in self._dead:
                 self._mailbox.send(rank, Abort(request_id))
-        self._outputs.put(_aborted(request_id, 0, error))
+        self._outputs.put(StepOutput.aborted(request_id, 0, error))
 
     def get_outputs(self, timeout: float) -> list[StepOutput]:
         """Every output that arrived, waiting up to `timeout` seconds for the first one."""
@@ -349,15 +348,11 @@ class Cluster:
             for r in ranks:
                 if r not in self._dead:
                     self._mailbox.send(r, Abort(rid))
-            self._outputs.put(_aborted(rid, 0, reason))
+            self._outputs.put(StepOutput.aborted(rid, 0, reason))
 
 
 def _name(spec: InstanceSpec) -> str:
     return f"{spec.role} instance (rank {spec.rank})"
-
-
-def _aborted(request_id: str, num_prompt_tokens: int, error: str | None) -> StepOutput:
-    return StepOutput(request_id, [], "", True, "abort", num_prompt_tokens, 0, error=error)
 
 
 def _has_pool(spec: InstanceSpec) -> bool:

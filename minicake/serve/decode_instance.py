@@ -15,8 +15,9 @@ import torch
 
 from minicake.cache.transfer import KVReceiver
 from minicake.sched.sequence import Sequence
-from minicake.serve.instance import Instance, aborted_output
-from minicake.serve.messages import Abort, Heartbeat, NewRequest, Prefill, Prefilled, PrefillFailed
+from minicake.engine import StepOutput
+from minicake.serve.instance import Instance
+from minicake.serve.messages import Abort, Heartbeat, NewRequest, StartPrefill, Prefilled, PrefillFailed
 
 
 class DecodeInstance(Instance):
@@ -37,12 +38,12 @@ class DecodeInstance(Instance):
         if isinstance(msg, NewRequest):
             self.to_reserve.append(msg)
         elif isinstance(msg, Prefilled):
-            if msg.xfer_id in self.receiving:
-                self.prefilled[msg.xfer_id] = msg
+            if msg.transfer_id in self.receiving:
+                self.prefilled[msg.transfer_id] = msg
         elif isinstance(msg, Heartbeat):
             self.receiver.heard_from(msg.rank)
         elif isinstance(msg, PrefillFailed):
-            self._fail(msg.xfer_id, msg.error)
+            self._fail(msg.transfer_id, msg.error)
         elif isinstance(msg, Abort):
             self._abort(msg.request_id)
         else:
@@ -58,12 +59,12 @@ class DecodeInstance(Instance):
         self._reserve()
         done, failed = self.receiver.poll()
         self.kv_complete.update(done)
-        for xfer_id, error in failed:
-            self._fail(xfer_id, error)
-        for xfer_id in [x for x in self.receiving if x in self.kv_complete and x in self.prefilled]:
+        for transfer_id, error in failed:
+            self._fail(transfer_id, error)
+        for transfer_id in [x for x in self.receiving if x in self.kv_complete and x in self.prefilled]:
             if len(self.engine.scheduler.running) >= self.engine.config.max_num_seqs:
                 break  # the batch is full: the rest wait, oldest first, until a request finishes
-            self._start_decoding(xfer_id)
+            self._start_decoding(transfer_id)
         if self.engine.has_unfinished_requests():
             self.emit(self.engine.step())
 
@@ -77,7 +78,7 @@ class DecodeInstance(Instance):
             except Exception as e:  # e.g. a seed torch refuses: only this request fails
                 self.to_reserve.popleft()
                 error = self.request_failed(msg.request_id, e)
-                self.emit([aborted_output(msg.request_id, len(msg.prompt_token_ids), error)])
+                self.emit([StepOutput.aborted(msg.request_id, len(msg.prompt_token_ids), error)])
                 continue
             num_cached = bm.allocate_prefix(seq)  # blocks this instance holds are not sent again
             if not bm.allocate_slots(seq, len(seq) - num_cached):
@@ -88,16 +89,16 @@ class DecodeInstance(Instance):
             bm.record_prefix_query(len(seq), num_cached)
             seq.admitted = True
             first_block = num_cached // bm.block_size
-            self.receiver.expect(msg.xfer_id, seq.block_table, first_block, list(msg.prefill_ranks))
-            self.receiving[msg.xfer_id] = (msg, seq)
-            self.mailbox.send(msg.prefill_ranks[0], Prefill(msg.request_id, msg.prompt_token_ids, msg.params,
-                                                            msg.xfer_id, self.rank, first_block,
+            self.receiver.expect(msg.transfer_id, seq.block_table, first_block, list(msg.prefill_ranks))
+            self.receiving[msg.transfer_id] = (msg, seq)
+            self.mailbox.send(msg.prefill_ranks[0], StartPrefill(msg.request_id, msg.prompt_token_ids, msg.params,
+                                                            msg.transfer_id, self.rank, first_block,
                                                             msg.fetch_from, msg.fetch_blocks))
 
-    def _start_decoding(self, xfer_id: int) -> None:
+    def _start_decoding(self, transfer_id: int) -> None:
         """Every layer arrived and the first token is known: join the running batch."""
-        (_, seq), first = self.receiving.pop(xfer_id), self.prefilled.pop(xfer_id)
-        self.kv_complete.discard(xfer_id)
+        (_, seq), first = self.receiving.pop(transfer_id), self.prefilled.pop(transfer_id)
+        self.kv_complete.discard(transfer_id)
         self.kv_wait_s += max(0.0, time.time() - first.sent_at)
         self.num_transfers += 1
         seq.num_cached_tokens = first.num_cached_tokens
@@ -105,24 +106,24 @@ class DecodeInstance(Instance):
             seq.generator.set_state(torch.frombuffer(bytearray(first.generator_state), dtype=torch.uint8))
         self.emit([self.engine.add_prefilled(seq, first.first_token)])
 
-    def _fail(self, xfer_id: int, error: str) -> None:
+    def _fail(self, transfer_id: int, error: str) -> None:
         """The transfer cannot complete: free the reserved blocks, report the request aborted."""
-        entry = self._drop(xfer_id)
+        entry = self._drop(transfer_id)
         if entry is not None:
-            self.emit([aborted_output(entry[0].request_id, len(entry[1]), error)])
+            self.emit([StepOutput.aborted(entry[0].request_id, len(entry[1]), error)])
 
     def _abort(self, request_id: str) -> None:
         self.to_reserve = deque(m for m in self.to_reserve if m.request_id != request_id)
-        for xfer_id, (msg, _) in list(self.receiving.items()):
+        for transfer_id, (msg, _) in list(self.receiving.items()):
             if msg.request_id == request_id:
-                self._drop(xfer_id)
+                self._drop(transfer_id)
         self.engine.abort_request(request_id)  # a request already decoding
 
-    def _drop(self, xfer_id: int):
-        entry = self.receiving.pop(xfer_id, None)
-        self.receiver.forget(xfer_id)  # late payloads are drained and dropped
-        self.prefilled.pop(xfer_id, None)
-        self.kv_complete.discard(xfer_id)
+    def _drop(self, transfer_id: int):
+        entry = self.receiving.pop(transfer_id, None)
+        self.receiver.forget(transfer_id)  # late payloads are drained and dropped
+        self.prefilled.pop(transfer_id, None)
+        self.kv_complete.discard(transfer_id)
         if entry is not None:
             self.engine.block_manager.free(entry[1])
             self.engine.block_manager.forget(entry[1])

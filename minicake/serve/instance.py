@@ -112,16 +112,12 @@ class ColocatedInstance(Instance):
     def fail(self, msg, e: Exception) -> bool:
         if not isinstance(msg, NewRequest):  # the parent validated it already: report, never crash
             return False
-        self.emit([aborted_output(msg.request_id, len(msg.prompt_token_ids), self.request_failed(msg.request_id, e))])
+        self.emit([StepOutput.aborted(msg.request_id, len(msg.prompt_token_ids), self.request_failed(msg.request_id, e))])
         return True
 
     def work(self) -> None:
         if self.engine.has_unfinished_requests():
             self.emit(self.engine.step())
-
-
-def aborted_output(request_id: str, num_prompt_tokens: int, error: str) -> StepOutput:
-    return StepOutput(request_id, [], "", True, "abort", num_prompt_tokens, 0, error=error)
 
 
 def run_instance(rank: int, spec: InstanceSpec, config: EngineConfig, pipe_ends: tuple[dict, dict]) -> None:

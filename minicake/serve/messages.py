@@ -2,7 +2,7 @@
 
 They travel on one-way pipes, one per pair of processes (`Mailbox`, at the end of this file);
 K/V and hidden states never do (they go through torch.distributed). One request, disaggregated:
-parent --NewRequest--> decode reserves blocks --Prefill (the reserve-ack)--> prefill stage 0,
+parent --NewRequest--> decode reserves blocks --StartPrefill (blocks reserved)--> prefill stage 0,
 whose layers and the next stages' send K/V to decode; the last stage samples the first token
 --Prefilled--> decode, which streams every token to the parent as `Outputs`.
 """
@@ -20,18 +20,18 @@ class NewRequest:  # parent -> decode (or colocated) instance
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    xfer_id: int  # names the request's KV transfer; unique in the cluster
+    transfer_id: int  # names the request's KV transfer; unique in the cluster
     prefill_ranks: tuple[int, ...]  # the prefill group that computes it, stage order (colocated: none)
     fetch_from: int | None = None  # hot-spot migration: the prefill rank that holds its prefix
     fetch_blocks: int = 0  # ... and how many leading blocks of it (the Conductor's decision)
 
 
 @dataclass
-class Prefill:  # decode -> prefill stage 0, once the blocks are reserved: the reserve-ack
+class StartPrefill:  # decode -> prefill stage 0, once the blocks are reserved: compute this prompt
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    xfer_id: int
+    transfer_id: int
     decode_rank: int
     first_block: int  # the decode instance holds blocks 0..first_block-1 already: not sent
     fetch_from: int | None = None  # pull blocks from this prefill rank first (minicake/cache/migration.py)
@@ -40,7 +40,7 @@ class Prefill:  # decode -> prefill stage 0, once the blocks are reserved: the r
 
 @dataclass
 class Prefilled:  # last prefill stage -> decode: every K/V send of the prompt has started
-    xfer_id: int
+    transfer_id: int
     first_token: int
     generator_state: bytes | None  # a seeded request's generator after the first sample
     num_cached_tokens: int  # prompt tokens the prefill instance found in its prefix cache
@@ -49,7 +49,7 @@ class Prefilled:  # last prefill stage -> decode: every K/V send of the prompt h
 
 @dataclass
 class PrefillFailed:  # prefill -> decode: the request cannot be prefilled (a send failed, aborted)
-    xfer_id: int
+    transfer_id: int
     error: str
 
 

@@ -37,7 +37,7 @@ def stage_layers(num_layers: int, num_stages: int, stage: int) -> range:
 @dataclass
 class SendPlan:
     """Send the request's blocks first_block.. (ids `block_ids` on this prefill group) to `dst`."""
-    xfer_id: int
+    transfer_id: int
     dst: int
     first_block: int
     block_ids: list[int]
@@ -47,7 +47,7 @@ class SendPlan:
 class SampleRow:
     """A request whose prompt ends in this step: the last stage samples its first token."""
     row: int  # index of its last new token in the flat batch
-    xfer_id: int
+    transfer_id: int
     dst: int
     params: object  # SamplingParams
     num_cached_tokens: int
@@ -110,7 +110,7 @@ class StageRunner:
         start = time.perf_counter()
         k_cache, v_cache = self.kv_caches[layer]
         for s in sends:
-            self.sender.send_layer(s.xfer_id, s.dst, layer, s.first_block, s.block_ids, k_cache, v_cache)
+            self.sender.send_layer(s.transfer_id, s.dst, layer, s.first_block, s.block_ids, k_cache, v_cache)
         self.send_s += time.perf_counter() - start
 
     def send_hidden(self, hidden, residual, dst: int) -> None:

@@ -22,7 +22,7 @@ from minicake.sampling import sample
 from minicake.sched.live import HeldKeys
 from minicake.sched.sequence import Sequence
 from minicake.serve.instance import Instance
-from minicake.serve.messages import PARENT, Abort, Heartbeat, HeldBlocks, Prefill, Prefilled, PrefillFailed
+from minicake.serve.messages import PARENT, Abort, Heartbeat, HeldBlocks, StartPrefill, Prefilled, PrefillFailed
 from minicake.serve.pipeline import NeighbourFailed, SampleRow, SendPlan, StageBatch, StageRunner, stage_layers
 
 HEARTBEAT_S = 1.0
@@ -38,7 +38,7 @@ class PrefillInstance(Instance):
         self.layers = stage_layers(layers, len(self.group), self.stage)
         self.runner = StageRunner(engine.model, engine.kv_caches, self.layers, self.sender, cfg.kv_transfer_timeout)
         self.generator = torch.Generator().manual_seed(cfg.seed)  # stages > 0: for unseeded sampled requests
-        self.requests: dict[str, tuple[Sequence, Prefill]] = {}  # stage 0: request id -> its sequence
+        self.requests: dict[str, tuple[Sequence, StartPrefill]] = {}  # stage 0: request id -> its sequence
         self.sent_blocks: dict[str, int] = {}  # stage 0: request id -> blocks sent (or held by decode)
         self.batch: StageBatch | None = None  # stage 0: the step being run
         self.batches: deque[StageBatch] = deque()  # stages > 0: batches from the previous stage
@@ -52,10 +52,10 @@ class PrefillInstance(Instance):
                                         cfg.kv_transfer_timeout, self.rank, mailbox)
 
     def handle(self, msg) -> None:
-        if isinstance(msg, Prefill):
+        if isinstance(msg, StartPrefill):
             assert self.stage == 0, "requests enter a prefill group at stage 0"
             if msg.fetch_from is None or self.fetcher is None or not self.fetcher.start(
-                    msg.xfer_id, msg.prompt_token_ids, msg.fetch_blocks, msg.fetch_from, msg):
+                    msg.transfer_id, msg.prompt_token_ids, msg.fetch_blocks, msg.fetch_from, msg):
                 self._admit(msg)
         elif isinstance(msg, FetchBlocks):
             holder_send(msg, self.engine.block_manager, self.engine.block_manager.pool, self.engine.kv_caches,
@@ -75,12 +75,12 @@ class PrefillInstance(Instance):
             raise AssertionError(f"a prefill instance got {type(msg).__name__}")
 
     def fail(self, msg, e: Exception) -> bool:
-        """A Prefill that could not be admitted (e.g. a seed torch refuses) fails on its decode instance."""
-        if not isinstance(msg, Prefill):
+        """A StartPrefill that could not be admitted (e.g. a seed torch refuses) fails on its decode instance."""
+        if not isinstance(msg, StartPrefill):
             return False
         error = self.request_failed(msg.request_id, e)
         self.handle(Abort(msg.request_id))  # whatever of it got in leaves
-        self.mailbox.send(msg.decode_rank, PrefillFailed(msg.xfer_id, error))
+        self.mailbox.send(msg.decode_rank, PrefillFailed(msg.transfer_id, error))
         return True
 
     def busy(self) -> bool:
@@ -89,7 +89,7 @@ class PrefillInstance(Instance):
     def waiting_for_peers(self) -> bool:
         return self.sender.num_pending > 0 or (self.fetcher is not None and bool(self.fetcher.fetches))
 
-    def _admit(self, msg: Prefill) -> None:
+    def _admit(self, msg: StartPrefill) -> None:
         seq = self.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.params)
         self.requests[msg.request_id] = (seq, msg)
         self.sent_blocks[msg.request_id] = msg.first_block
@@ -103,9 +103,9 @@ class PrefillInstance(Instance):
             self.mailbox.send(PARENT, HeldBlocks(self.rank, added, removed))
 
     def work(self) -> None:
-        for xfer_id, error in self.sender.poll():
-            if xfer_id in self.dst_of:  # a failed migration send is the puller's to notice
-                self.mailbox.send(self.dst_of[xfer_id], PrefillFailed(xfer_id, error))
+        for transfer_id, error in self.sender.poll():
+            if transfer_id in self.dst_of:  # a failed migration send is the puller's to notice
+                self.mailbox.send(self.dst_of[transfer_id], PrefillFailed(transfer_id, error))
         if self.fetcher is not None:
             for msg in self.fetcher.poll():
                 try:
@@ -129,8 +129,8 @@ class PrefillInstance(Instance):
                 elif batch.samples:
                     self._sample(hidden, residual, batch.samples)
             except NeighbourFailed as e:  # the requests of this batch fail like a failed K/V send
-                for xfer_id, dst in {(s.xfer_id, s.dst) for s in batch.sends + batch.samples}:
-                    self.mailbox.send(dst, PrefillFailed(xfer_id, str(e)))
+                for transfer_id, dst in {(s.transfer_id, s.dst) for s in batch.sends + batch.samples}:
+                    self.mailbox.send(dst, PrefillFailed(transfer_id, str(e)))
 
     def stats(self) -> dict:
         return self.engine.stats() | {"kv_send_s": self.runner.send_s,
@@ -166,14 +166,14 @@ class PrefillInstance(Instance):
             return
         seq, prefill = entry
         state = None if seq.generator is None else seq.generator.get_state().numpy().tobytes()
-        self.mailbox.send(prefill.decode_rank, Prefilled(prefill.xfer_id, out.new_token_ids[0], state,
+        self.mailbox.send(prefill.decode_rank, Prefilled(prefill.transfer_id, out.new_token_ids[0], state,
                                                          seq.num_cached_tokens, time.time()))
 
     def _abort_step(self, error: str) -> None:
         """The next stage failed: the step's requests free their blocks here and fail on their
         decode instances the way a failed K/V send does (PrefillFailed)."""
-        for xfer_id, dst in {(s.xfer_id, s.dst) for s in self.batch.sends + self.batch.samples}:
-            self.mailbox.send(dst, PrefillFailed(xfer_id, error))
+        for transfer_id, dst in {(s.transfer_id, s.dst) for s in self.batch.sends + self.batch.samples}:
+            self.mailbox.send(dst, PrefillFailed(transfer_id, error))
         for request_id in self.batch.request_ids:
             self.requests.pop(request_id)
             del self.sent_blocks[request_id]
@@ -189,15 +189,15 @@ class PrefillInstance(Instance):
         for i, seq in enumerate(seqs):
             prefill = self.requests[seq.request_id][1]
             end = seq.num_computed_tokens + seq.num_scheduled_tokens
-            done = seq.step_done()  # the prompt's last chunk: its partial last block goes too
+            done = seq.step_reaches_end()  # the prompt's last chunk: its partial last block goes too
             ready = bm.blocks_needed(end) if done else end // bm.block_size
             first = self.sent_blocks[seq.request_id] if layerwise else prefill.first_block
             if ready > first and (layerwise or done):
-                sends.append(SendPlan(prefill.xfer_id, prefill.decode_rank, first, seq.block_table[first:ready]))
+                sends.append(SendPlan(prefill.transfer_id, prefill.decode_rank, first, seq.block_table[first:ready]))
                 self.sent_blocks[seq.request_id] = ready
-                self.dst_of[prefill.xfer_id] = prefill.decode_rank
+                self.dst_of[prefill.transfer_id] = prefill.decode_rank
             if done:
-                samples.append(SampleRow(query_start_loc[i + 1] - 1, prefill.xfer_id, prefill.decode_rank,
+                samples.append(SampleRow(query_start_loc[i + 1] - 1, prefill.transfer_id, prefill.decode_rank,
                                          seq.params, seq.num_cached_tokens))
         self.batch = StageBatch([seq.request_id for seq in seqs], positions.tolist(), query_start_loc,
                                 meta.context_lens.tolist(), meta.block_tables.tolist(), meta.slot_mapping.tolist(),
@@ -220,7 +220,7 @@ class PrefillInstance(Instance):
         self.runner.send_hidden(hidden, residual, nxt)  # posted before the batch is announced
         self.mailbox.send(nxt, batch)
         for s in batch.sends:
-            self.dst_of[s.xfer_id] = s.dst
+            self.dst_of[s.transfer_id] = s.dst
 
     @torch.inference_mode()
     def _sample(self, hidden, residual, samples: list[SampleRow]) -> None:
@@ -233,4 +233,4 @@ class PrefillInstance(Instance):
         now = time.time()
         for s, token, g in zip(samples, tokens, generators):
             state = None if g is None else g.get_state().numpy().tobytes()
-            self.mailbox.send(s.dst, Prefilled(s.xfer_id, token, state, s.num_cached_tokens, now))
+            self.mailbox.send(s.dst, Prefilled(s.transfer_id, token, state, s.num_cached_tokens, now))

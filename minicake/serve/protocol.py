@@ -29,15 +29,6 @@ class APIError(Exception):
                           "param": self.param, "code": self.code}}
 
 
-class RequestRejected(Exception):
-    """Raised by `Cluster.add_request` when admission control refuses a request (DESIGN.md
-    4.7); the server answers HTTP 429 with a Retry-After header."""
-
-    def __init__(self, message: str, retry_after_s: float = 1.0):
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
 # Parameters minicake does not implement, accepted only at their neutral value so that
 # clients which always send defaults keep working; anything else is refused by name.
 # `user` (an end-user id for abuse tracking) is accepted with any value and ignored.
