@@ -12,11 +12,11 @@ import time
 from rich.console import Console
 from rich.table import Table
 
-from minicake.sched.conductor import ConductorConfig
-from minicake.sched.cost_model import paper_70b
-from minicake.sched.sim_plot import plot_load
-from minicake.sched.simulator import SimConfig, Simulator
-from minicake.sched.trace import load_trace
+from minicake.conductor.conductor import ConductorConfig
+from minicake.conductor.cost_model import paper_70b
+from minicake.sim.plot import plot_load
+from minicake.sim.simulator import SimConfig, Simulator
+from minicake.sim.trace import load_trace
 
 POLICIES = ("baseline", "early", "predictive")
 COLUMNS = ("rejected", "rejected_by_reason", "wasted_prefill_s", "finished", "avg_ttft_s", "avg_tbt_s",

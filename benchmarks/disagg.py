@@ -23,7 +23,7 @@ from rich.table import Table
 
 from minicake.config import EngineConfig
 from minicake.sampling import SamplingParams
-from minicake.serve.cluster import Cluster
+from minicake.disagg.cluster import Cluster
 
 MODES = {  # name -> (Cluster arguments, EngineConfig overrides)
     "colocated": (dict(colocated=True), {}),

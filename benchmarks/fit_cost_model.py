@@ -6,7 +6,7 @@ of a cluster shaped like the deployment, --prefill prefill instances with host K
 decode instance: the step and its loop's own work; a decode instance's batch-1 steps measured
 26-32 ms here where `Engine.step()` alone in a process measured 36 ms, cause unknown),
 and a gloo send of one KV block (all layers) between two processes;
-fits the polynomials of minicake/sched/cost_model.py by least squares and writes the JSON
+fits the polynomials of minicake/conductor/cost_model.py by least squares and writes the JSON
 profile that `python -m minicake.sim --profile FILE` reads. Then times one prefill and one decode
 shape again next to 0, 1, ... neighbour processes that prefill all the time (the other instances of
 a cluster on these cores), against the simulator's model of shared cores (SimConfig.cpu_cores:
@@ -33,8 +33,8 @@ from minicake.cache.kv_cache import bytes_per_block, free_memory, num_blocks_for
 from minicake.config import EngineConfig
 from minicake.engine import Engine
 from minicake.sampling import SamplingParams
-from minicake.sched.cost_model import fit_profile
-from minicake.serve.cluster import Cluster
+from minicake.conductor.cost_model import fit_profile
+from minicake.disagg.cluster import Cluster
 
 PREFILL_SHAPES = ([(n, c) for n in (32, 64, 128, 256, 512) for c in (0, n // 2)] + [(512, 480)]
                   + [(n, n - n // 4) for n in (64, 128, 256, 384)] + [(n, n - 16) for n in (128, 256)])
@@ -192,7 +192,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: least hurt by a busy machine)")
-    p.add_argument("--out", default="minicake/sched/profiles/smollm2-135m-cpu.json")
+    p.add_argument("--out", default="minicake/conductor/profiles/smollm2-135m-cpu.json")
     p.add_argument("--block-size", type=int, default=EngineConfig.block_size,
                    help="tokens per KV block, as in the deployment the profile is for")
     p.add_argument("--prefill", type=int, default=2, help="prefill instances beside the decode instance timed")

@@ -29,11 +29,11 @@ from rich.table import Table
 from minicake.cache.block_keys import block_keys
 from minicake.config import EngineConfig
 from minicake.sampling import SamplingParams
-from minicake.sched.conductor import SCHEDULERS, ConductorConfig, Request
-from minicake.sched.cost_model import load_profile
-from minicake.sched.simulator import SimConfig, Simulator
-from minicake.sched.trace import TRACE_BLOCK_SIZE, TraceEntry, parse_line
-from minicake.serve.cluster import DEFAULT_PROFILE, Cluster
+from minicake.conductor.conductor import SCHEDULERS, ConductorConfig, Request
+from minicake.conductor.cost_model import load_profile
+from minicake.sim.simulator import SimConfig, Simulator
+from minicake.sim.trace import TRACE_BLOCK_SIZE, TraceEntry, parse_line
+from minicake.disagg.cluster import DEFAULT_PROFILE, Cluster
 from minicake.traces import open_trace
 
 SIMS = ("sim", "sim_alone")  # simulated with the instances sharing the cores, and as if each had its own

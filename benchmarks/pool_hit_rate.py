@@ -12,8 +12,8 @@ import time
 from rich.console import Console
 from rich.table import Table
 
-from minicake.sched.kv_pool_model import KVPoolModel
-from minicake.sched.trace import TRACE_BLOCK_SIZE, load_trace
+from minicake.sim.pool_model import KVPoolModel
+from minicake.sim.trace import TRACE_BLOCK_SIZE, load_trace
 
 CAPACITIES = [1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, None]  # blocks; None: unlimited
 

@@ -18,7 +18,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from minicake.sched.trace import TRACE_BLOCK_SIZE, read_trace
+from minicake.sim.trace import TRACE_BLOCK_SIZE, read_trace
 from minicake.serve.metrics import paper_tbt
 
 REQUEST_TIMEOUT_S = 600.0

@@ -173,7 +173,7 @@ class Engine:
     def serve_as_prefill(self, stage) -> None:
         """A prefill instance's engine: a request ends once its prompt is computed (finish reason
         "prefilled", with its first token where this process sampled it), and `stage`
-        (serve/pipeline.py) runs inside every step: it ships each layer's new K/V to the decode
+        (disagg/pipeline.py) runs inside every step: it ships each layer's new K/V to the decode
         instance and, in a pipelined group, hands the hidden states on instead of sampling."""
         self.prefill_only, self.runner.stage = True, stage
 

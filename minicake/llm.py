@@ -30,12 +30,12 @@ class LLM:
                  **engine_settings):
         """prefill_instances=0: one engine in this process. prefill_instances >= 1: that many
         prefill groups of `pipeline_stages` processes and `decode_instances` decode processes
-        (minicake.serve.cluster), routed by the Conductor (`conductor`: a ConductorConfig, `cost`:
+        (minicake.disagg.cluster), routed by the Conductor (`conductor`: a ConductorConfig, `cost`:
         a CostModel); call close() or use `with LLM(...) as llm:` to end them. A request that
-        admission control refuses raises minicake.sched.live.RequestRejected."""
+        admission control refuses raises minicake.conductor.live.RequestRejected."""
         config = EngineConfig(model=model, device=device, **engine_settings)
         if prefill_instances:
-            from minicake.serve.cluster import Cluster, ClusterEngine
+            from minicake.disagg.cluster import Cluster, ClusterEngine
             self.engine = ClusterEngine(Cluster(config, prefill_instances, decode_instances, pipeline_stages,
                                                 conductor=conductor, cost=cost))
         else:

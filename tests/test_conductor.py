@@ -6,10 +6,10 @@ token, fetch 10 ms per block, decode step 10 ms + 1 us per context token.
 import pytest
 
 from minicake.cache.block_keys import block_keys
-from minicake.sched.conductor import (BlockIndex, Conductor, ConductorConfig, DecodeMember, DecodeState,
+from minicake.conductor.conductor import (BlockIndex, Conductor, ConductorConfig, DecodeMember, DecodeState,
                                       PrefillState, Request, request_from_tokens)
-from minicake.sched.cost_model import CostModel
-from minicake.sched.live import LiveConductor
+from minicake.conductor.cost_model import CostModel
+from minicake.conductor.live import LiveConductor
 
 TOY = CostModel("toy", prefill_coef=(0.0, 1e-3, -1e-3, 0.0, 0.0), decode_coef=(0.01, 0.0, 1e-6),
                 transfer_s_per_block=0.01, block_size=4, kv_capacity_tokens=1000)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from minicake.sched.cost_model import CostModel, calibrate, fit_profile, load_profile, paper_70b
+from minicake.conductor.cost_model import CostModel, calibrate, fit_profile, load_profile, paper_70b
 
 L, D = 80, 8192
 NODE_FLOPS = 8 * 312e12 * 0.5  # 8 A800 at the assumed 50% MFU

@@ -15,8 +15,8 @@ import torch
 from minicake.config import EngineConfig
 from minicake.llm import LLM
 from minicake.sampling import SamplingParams
-from minicake.serve.cluster import Cluster
-from minicake.serve.pipeline import stage_layers
+from minicake.disagg.cluster import Cluster
+from minicake.disagg.pipeline import stage_layers
 
 PROMPT_LENS = [5, 17, 40, 90, 33]
 

@@ -22,8 +22,8 @@ import pytest
 from server_process import ServerProcess
 
 from minicake.sampling import SamplingParams
-from minicake.serve.cluster import Cluster, ClusterUnavailable
-from minicake.serve.messages import error_line
+from minicake.disagg.cluster import Cluster, ClusterUnavailable
+from minicake.disagg.messages import error_line
 from test_disagg import prompts, settled_stats, tiny_config
 
 TIMEOUT_S = 3.0  # kv_transfer_timeout of these clusters
@@ -222,7 +222,7 @@ def test_errors_that_reach_clients_are_one_line_without_server_paths():
 PARENT_SCRIPT = """
 import sys, time
 from minicake.config import EngineConfig
-from minicake.serve.cluster import Cluster
+from minicake.disagg.cluster import Cluster
 cluster = Cluster(EngineConfig(model=sys.argv[1], device="cpu", num_kv_blocks=64, num_threads=1))
 print(" ".join(str(p.pid) for p in cluster.procs), flush=True)
 time.sleep(600)

@@ -1,9 +1,9 @@
 """KVCache-centric serving, live: the simulator's Conductor fed by instance reports routes real
 requests; prefix blocks migrate between prefill instances; admission control refuses clearly."""
 from minicake.cache.block_keys import block_keys
-from minicake.sched.conductor import ConductorConfig
-from minicake.sched.cost_model import CostModel
-from minicake.sched.live import HeldKeys, LiveConductor
+from minicake.conductor.conductor import ConductorConfig
+from minicake.conductor.cost_model import CostModel
+from minicake.conductor.live import HeldKeys, LiveConductor
 
 BLOCK = 4
 # prefill(N, C) = 0.01 * (N - C) s; decode step = 0.01 s + 0.001 s per request; a block moves in 1 ms
@@ -95,8 +95,8 @@ from minicake.config import EngineConfig  # noqa: E402
 from minicake.engine import Engine  # noqa: E402
 from minicake.llm import LLM  # noqa: E402
 from minicake.sampling import SamplingParams  # noqa: E402
-from minicake.sched.live import SLOUnreachable  # noqa: E402
-from minicake.sched.live import RequestRejected  # noqa: E402
+from minicake.conductor.live import SLOUnreachable  # noqa: E402
+from minicake.conductor.live import RequestRejected  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 SETTINGS = dict(device="cpu", block_size=BLOCK, num_kv_blocks=24, kv_pool_blocks=64, max_num_batched_tokens=32,
@@ -264,9 +264,9 @@ def test_the_server_answers_an_unreachable_slo_with_400_and_no_retry_after(tiny_
 def test_simulated_decode_entry_waits_for_the_decode_step_in_progress():
     """In the live cluster a request enters, and its first token leaves, through its decode
     instance's loop: the simulator's decode_entry charges the wait for the step in progress."""
-    from minicake.sched.conductor import Request as SimRequest
-    from minicake.sched.simulator import SimConfig, Simulator
-    from minicake.sched.trace import TraceEntry
+    from minicake.conductor.conductor import Request as SimRequest
+    from minicake.sim.simulator import SimConfig, Simulator
+    from minicake.sim.trace import TraceEntry
     cost = CostModel("steps", (0.0, 0.01, -0.01, 0.0, 0.0), (0.1, 0.0, 0.0), 0.001, BLOCK, 10_000)
     trace = [TraceEntry(0.0, SimRequest(0, 10, 5, [])), TraceEntry(0.15, SimRequest(1, 5, 5, []))]
 

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from minicake.cache.block_keys import block_keys
-from minicake.sched.conductor import ConductorConfig, Request
-from minicake.sched.cost_model import CostModel, paper_70b
-from minicake.sched.kv_pool_model import KVPoolModel
-from minicake.sched.sim_metrics import FINISHED, SimResult
-from minicake.sched.simulator import SimConfig, Simulator
-from minicake.sched.trace import TraceEntry, load_trace
-from minicake.sim import main
+from minicake.conductor.conductor import ConductorConfig, Request
+from minicake.conductor.cost_model import CostModel, paper_70b
+from minicake.sim.pool_model import KVPoolModel
+from minicake.sim.metrics import FINISHED, SimResult
+from minicake.sim.simulator import SimConfig, Simulator
+from minicake.sim.trace import TraceEntry, load_trace
+from minicake.sim.__main__ import main
 
 SLICE = Path(__file__).parent / "data" / "conversation_trace_200.jsonl"
 

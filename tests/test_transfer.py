@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from minicake.cache.transfer import KVReceiver, KVSender
-from minicake.serve.launcher import launch, stop
+from minicake.disagg.transfer import KVReceiver, KVSender
+from minicake.disagg.launcher import launch, stop
 
 NUM_LAYERS, NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM = 3, 12, 4, 2, 8
 

@@ -30,7 +30,7 @@ from minicake.model import AttentionMetadata, Tokenizer, load_model, resolve_mod
 from minicake.model.runner import ModelRunner
 from minicake.platforms import apply_platform
 from minicake.sampling import SamplingParams
-from minicake.sched.cost_model import KV_BYTES_PER_TOKEN
+from minicake.conductor.cost_model import KV_BYTES_PER_TOKEN
 from minicake.sched.scheduler import Scheduler
 from minicake.sched.sequence import Sequence
 

@@ -18,7 +18,7 @@
 # (least recently freed first): a cache that costs nothing while memory is free.
 #
 # Files: `minicake/cache/block_keys.py` (the one function), `minicake/cache/block_manager.py`
-# (`allocate_prefix`, `cache_full_blocks`, `free`), `minicake/sched/kv_pool_model.py` (the
+# (`allocate_prefix`, `cache_full_blocks`, `free`), `minicake/sim/pool_model.py` (the
 # host pool's model, used below on a trace).
 
 # %%
@@ -30,8 +30,8 @@ from minicake.cache.block_keys import block_keys
 from minicake.config import EngineConfig
 from minicake.engine import Engine
 from minicake.sampling import SamplingParams
-from minicake.sched.kv_pool_model import KVPoolModel
-from minicake.sched.trace import TRACE_BLOCK_SIZE, load_trace
+from minicake.sim.pool_model import KVPoolModel
+from minicake.sim.trace import TRACE_BLOCK_SIZE, load_trace
 
 REPO = Path(__file__).resolve().parent.parent
 FIGURES = Path(os.environ.get("MINICAKE_FIGURES", REPO / "tutorials" / "figures"))

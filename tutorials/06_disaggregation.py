@@ -26,9 +26,9 @@
 # 4. once every layer has arrived, the decode instance adds the sequence to its running
 #    batch as if it had prefilled it itself, and decodes.
 #
-# Files: `minicake/serve/cluster.py` (`Cluster`: starts the processes, routes requests),
-# `minicake/serve/prefill_instance.py`, `minicake/serve/decode_instance.py`,
-# `minicake/cache/transfer.py` (`KVSender`, `KVReceiver`), `minicake/serve/launcher.py`.
+# Files: `minicake/disagg/cluster.py` (`Cluster`: starts the processes, routes requests),
+# `minicake/disagg/prefill_instance.py`, `minicake/disagg/decode_instance.py`,
+# `minicake/disagg/transfer.py` (`KVSender`, `KVReceiver`), `minicake/disagg/launcher.py`.
 
 # %%
 import atexit
@@ -40,7 +40,7 @@ import torch
 from minicake.config import EngineConfig
 from minicake.llm import LLM
 from minicake.sampling import SamplingParams
-from minicake.serve.cluster import Cluster
+from minicake.disagg.cluster import Cluster
 
 torch.set_num_threads(1)
 # every process uses one thread, so the prefill compute is the same in every deployment
@@ -151,9 +151,9 @@ if __name__ == "__main__":
 # %% [markdown]
 # ## What to read next
 #
-# - `minicake/serve/pipeline.py`: `StageRunner.run_layers` is the layer loop that starts a
+# - `minicake/disagg/pipeline.py`: `StageRunner.run_layers` is the layer loop that starts a
 #   send after each layer.
-# - `minicake/cache/transfer.py`: why every wait runs in a helper thread (a gloo work that
+# - `minicake/disagg/transfer.py`: why every wait runs in a helper thread (a gloo work that
 #   times out is ended), and why the header comes first (a gloo receive buffer that is too
 #   small aborts the process).
 # - `benchmarks/disagg.py` (where present): the same comparison with more lengths, the

@@ -16,9 +16,9 @@
 # receives from every stage. The output must be identical to unpipelined prefill: the
 # same chunks of the same layers are computed, only by different processes.
 #
-# Files: `minicake/serve/pipeline.py` (`stage_layers`, `StageBatch`, `StageRunner`),
-# `minicake/serve/prefill_instance.py` (stage 0 schedules; later stages follow),
-# `minicake/serve/cluster.py` (`Cluster(..., pipeline_stages=S)`).
+# Files: `minicake/disagg/pipeline.py` (`stage_layers`, `StageBatch`, `StageRunner`),
+# `minicake/disagg/prefill_instance.py` (stage 0 schedules; later stages follow),
+# `minicake/disagg/cluster.py` (`Cluster(..., pipeline_stages=S)`).
 
 # %%
 import atexit
@@ -30,8 +30,8 @@ import torch
 from minicake.config import EngineConfig
 from minicake.llm import LLM
 from minicake.sampling import SamplingParams
-from minicake.serve.cluster import Cluster
-from minicake.serve.pipeline import stage_layers
+from minicake.disagg.cluster import Cluster
+from minicake.disagg.pipeline import stage_layers
 
 torch.set_num_threads(1)
 CHUNK = 128  # max_num_batched_tokens: a prompt of n tokens is prefilled in ceil(n / 128) chunks
@@ -131,9 +131,9 @@ if __name__ == "__main__":
 # %% [markdown]
 # ## What to read next
 #
-# - `minicake/serve/pipeline.py`: `StageRunner.send_hidden` waits only for the previous
+# - `minicake/disagg/pipeline.py`: `StageRunner.send_hidden` waits only for the previous
 #   batch's send, so at most two chunks sit between neighbours.
-# - `minicake/serve/prefill_instance.py`: `_describe` decides which blocks each step sends,
+# - `minicake/disagg/prefill_instance.py`: `_describe` decides which blocks each step sends,
 #   `_forward` passes the hidden states on or samples at the last stage.
 # - `tests/test_disagg.py`: pipelined and disaggregated output equal the colocated engine's.
 # - Chapter 8 (`08_conductor.py`): many prefill and decode instances, and who gets which request.

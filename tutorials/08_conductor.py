@@ -19,19 +19,19 @@
 # Predictions come from a cost model. minicake ships an analytic one for the paper's setting
 # (a 70B dense model on 8-GPU nodes), so a simulation can be compared with the paper.
 #
-# Files: `minicake/sched/conductor.py` (the Conductor and `BlockIndex`),
-# `minicake/sched/cost_model.py`, `minicake/sched/simulator.py` (a discrete-event cluster
-# driving the same Conductor code the server uses), `minicake/sim.py` (`python -m minicake.sim`).
+# Files: `minicake/conductor/conductor.py` (the Conductor and `BlockIndex`),
+# `minicake/conductor/cost_model.py`, `minicake/sim/simulator.py` (a discrete-event cluster
+# driving the same Conductor code the server uses), `minicake/sim/__main__.py` (`python -m minicake.sim`).
 
 # %%
 import os
 from pathlib import Path
 
 from minicake.cache.block_keys import block_keys
-from minicake.sched.conductor import BlockIndex, Conductor, ConductorConfig, DecodeState, PrefillState, Request
-from minicake.sched.cost_model import paper_70b
-from minicake.sched.simulator import SimConfig, Simulator
-from minicake.sched.trace import load_trace
+from minicake.conductor.conductor import BlockIndex, Conductor, ConductorConfig, DecodeState, PrefillState, Request
+from minicake.conductor.cost_model import paper_70b
+from minicake.sim.simulator import SimConfig, Simulator
+from minicake.sim.trace import load_trace
 
 REPO = Path(__file__).resolve().parent.parent
 FIGURES = Path(os.environ.get("MINICAKE_FIGURES", REPO / "tutorials" / "figures"))
@@ -158,11 +158,11 @@ print(f"wrote {FIGURES / '08_ttft_by_scheduler.png'}")
 # %% [markdown]
 # ## What to read next
 #
-# - `minicake/sched/conductor.py`: `_plan` is Algorithm 1 for one instance, `_choose_decode`
+# - `minicake/conductor/conductor.py`: `_plan` is Algorithm 1 for one instance, `_choose_decode`
 #   the decode side.
 # - `python -m minicake.sim --trace conversation --prefill 6 --decode 6 --limit 3000
 #   --plot load.png`: the same run from the command line, with per-instance load over time.
-# - `minicake/sched/live.py` and `minicake/serve/cluster.py`: the same Conductor choosing
+# - `minicake/conductor/live.py` and `minicake/disagg/cluster.py`: the same Conductor choosing
 #   instances for live requests in the server's cluster.
 # - `benchmarks/pool_hit_rate.py`: hit rate against the pool's capacity.
 # - Chapter 9 (`09_overload.py`): when there are more requests than the cluster can serve.

@@ -19,8 +19,8 @@
 #   prefill would end: count the requests whose prefill ends by then, drop those whose
 #   decode will have finished (predicted from the mean decode duration so far).
 #
-# Files: `minicake/sched/conductor.py` (`schedule`, `_predicted_batch`),
-# `minicake/sched/simulator.py`, `minicake/sched/sim_plot.py` (the figure),
+# Files: `minicake/conductor/conductor.py` (`schedule`, `_predicted_batch`),
+# `minicake/sim/simulator.py`, `minicake/sim/plot.py` (the figure),
 # `benchmarks/admission_overload.py` (the same comparison as a benchmark).
 
 # %%
@@ -29,11 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
-from minicake.sched.conductor import ConductorConfig
-from minicake.sched.cost_model import paper_70b
-from minicake.sched.sim_plot import plot_load
-from minicake.sched.simulator import SimConfig, Simulator
-from minicake.sched.trace import load_trace
+from minicake.conductor.conductor import ConductorConfig
+from minicake.conductor.cost_model import paper_70b
+from minicake.sim.plot import plot_load
+from minicake.sim.simulator import SimConfig, Simulator
+from minicake.sim.trace import load_trace
 
 REPO = Path(__file__).resolve().parent.parent
 FIGURES = Path(os.environ.get("MINICAKE_FIGURES", REPO / "tutorials" / "figures"))
@@ -113,7 +113,7 @@ print(f"wrote {figure}")
 # %% [markdown]
 # ## What to read next
 #
-# - `minicake/sched/conductor.py`: `_predicted_batch` is the whole prediction, 10 lines.
+# - `minicake/conductor/conductor.py`: `_predicted_batch` is the whole prediction, 10 lines.
 # - `python benchmarks/admission_overload.py --trace conversation --prefill 5
 #   --decode 2 --tbt-slo 0.03 --plot overload.png`: the whole trace.
 # - Chapter 10 (`10_serving.py`): the HTTP server, which runs these policies live with

@@ -228,5 +228,5 @@ print(f"server exited with code {server.wait(timeout=60)}")
 # - `benchmarks/serving.py`: colocated against 1 prefill + 1 decode through this server, on
 #   the same requests.
 # - `--prefill 2 --decode 1 --admission predictive --ttft-slo 5 --tbt-slo 0.5`: chapters 6,
-#   8 and 9 behind this API; the cluster asks the Conductor (`minicake/sched/live.py`) where
+#   8 and 9 behind this API; the cluster asks the Conductor (`minicake/conductor/live.py`) where
 #   each request runs, and a refused request gets HTTP 429 with `Retry-After`.

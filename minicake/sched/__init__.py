@@ -1,0 +1,2 @@
+"""The engine's local scheduling: `Sequence` (one request inside an engine) and `Scheduler`
+(continuous batching with chunked prefill and preemption)."""

@@ -21,9 +21,9 @@ import uvicorn
 
 from minicake.config import EngineConfig
 from minicake.serve.api import create_app
-from minicake.sched.conductor import ADMISSIONS, SCHEDULERS, ConductorConfig
-from minicake.sched.cost_model import load_profile
-from minicake.serve.cluster import DEFAULT_PROFILE, HEARTBEAT_TIMEOUT_S, Cluster
+from minicake.conductor.conductor import ADMISSIONS, SCHEDULERS, ConductorConfig
+from minicake.conductor.cost_model import load_profile
+from minicake.disagg.cluster import DEFAULT_PROFILE, HEARTBEAT_TIMEOUT_S, Cluster
 from minicake.serve.dashboard import Dashboard
 from minicake.serve.metrics import ServerMetrics
 

@@ -24,8 +24,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from minicake.sampling import INT64_MIN
-from minicake.sched.live import RequestRejected, SLOUnreachable
-from minicake.serve.cluster import ClusterUnavailable
+from minicake.conductor.live import RequestRejected, SLOUnreachable
+from minicake.disagg.cluster import ClusterUnavailable
 from minicake.serve.frontend import Frontend
 from minicake.serve.metrics import ServerMetrics
 from minicake.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_request, request_schemas

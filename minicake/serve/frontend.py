@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from minicake.sampling import SamplingParams
-from minicake.serve.cluster import ClusterUnavailable
+from minicake.disagg.cluster import ClusterUnavailable
 from minicake.serve.metrics import ServerMetrics
 from minicake.serve.protocol import APIError
 

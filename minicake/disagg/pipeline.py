@@ -15,7 +15,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from minicake.cache.transfer import KVSender
+from minicake.disagg.transfer import KVSender
 from minicake.model.attention import AttentionMetadata
 
 HIDDEN_TAG = 3  # hidden states between neighbour stages

@@ -14,12 +14,12 @@ import random
 from collections import deque
 from dataclasses import dataclass
 
-from minicake.sched.conductor import (BlockIndex, Conductor, ConductorConfig, Decision, DecodeState,
+from minicake.conductor.conductor import (BlockIndex, Conductor, ConductorConfig, Decision, DecodeState,
                                       PrefillState)
-from minicake.sched.cost_model import CostModel
-from minicake.sched.kv_pool_model import KVPoolModel
-from minicake.sched.sim_metrics import REJECTED, REJECTED_AFTER_PREFILL, SimResult
-from minicake.sched.trace import TraceEntry
+from minicake.conductor.cost_model import CostModel
+from minicake.sim.pool_model import KVPoolModel
+from minicake.sim.metrics import REJECTED, REJECTED_AFTER_PREFILL, SimResult
+from minicake.sim.trace import TraceEntry
 
 PREFILL_DONE, DECODE_STEP, SAMPLE = 0, 1, 2
 

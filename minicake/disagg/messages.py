@@ -34,7 +34,7 @@ class StartPrefill:  # decode -> prefill stage 0, once the blocks are reserved: 
     transfer_id: int
     decode_rank: int
     first_block: int  # the decode instance holds blocks 0..first_block-1 already: not sent
-    fetch_from: int | None = None  # pull blocks from this prefill rank first (minicake/cache/migration.py)
+    fetch_from: int | None = None  # pull blocks from this prefill rank first (minicake/disagg/migration.py)
     fetch_blocks: int = 0
 
 
@@ -79,7 +79,7 @@ class Shutdown:  # parent -> every instance
 class Ready:  # instance -> parent, once its model and KV cache are allocated
     rank: int
     num_blocks: int
-    # start-up timings (minicake/serve/calibration.py) that check the cost profile:
+    # start-up timings (minicake/disagg/calibration.py) that check the cost profile:
     prefill_timings: list[tuple[int, int, float]]  # (prompt tokens, cached tokens, seconds)
     decode_timings: list[tuple[int, int, float]]  # (batch size, context tokens, seconds of a step)
 

@@ -2,7 +2,7 @@
 TTFT SLO) and decode load (step time / TBT SLO) over time, and rejections below; one column
 per run, so two admission policies can be put side by side. matplotlib is an optional extra.
 """
-from minicake.sched.sim_metrics import REJECTED_AFTER_PREFILL, SimResult
+from minicake.sim.metrics import REJECTED_AFTER_PREFILL, SimResult
 
 
 def plot_load(runs: list[tuple[str, SimResult]], path: str) -> None:

@@ -1,6 +1,6 @@
 """`python -m minicake.sim`: replay a Mooncake trace through the Conductor in simulation.
 
-Runs the discrete-event simulator (minicake/sched/simulator.py), shows a progress bar, prints
+Runs the discrete-event simulator (minicake/sim/simulator.py), shows a progress bar, prints
 a table and ends with one JSON line; `--plot FILE.png` draws per-instance prefill and decode
 load over time with the rejections. Bad input exits with code 2 and says what was wrong.
 """
@@ -14,11 +14,11 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from minicake.sched.conductor import ADMISSIONS, SCHEDULERS, ConductorConfig
-from minicake.sched.cost_model import load_profile
-from minicake.sched.sim_plot import plot_load
-from minicake.sched.simulator import SimConfig, Simulator
-from minicake.sched.trace import TRACE_BLOCK_SIZE, load_trace
+from minicake.conductor.conductor import ADMISSIONS, SCHEDULERS, ConductorConfig
+from minicake.conductor.cost_model import load_profile
+from minicake.sim.plot import plot_load
+from minicake.sim.simulator import SimConfig, Simulator
+from minicake.sim.trace import TRACE_BLOCK_SIZE, load_trace
 
 
 def pool_tokens(text: str) -> int | None:

@@ -13,11 +13,11 @@ from collections import deque
 
 import torch
 
-from minicake.cache.transfer import KVReceiver
+from minicake.disagg.transfer import KVReceiver
 from minicake.sched.sequence import Sequence
 from minicake.engine import StepOutput
-from minicake.serve.instance import Instance
-from minicake.serve.messages import Abort, Heartbeat, NewRequest, StartPrefill, Prefilled, PrefillFailed
+from minicake.disagg.instance import Instance
+from minicake.disagg.messages import Abort, Heartbeat, NewRequest, StartPrefill, Prefilled, PrefillFailed
 
 
 class DecodeInstance(Instance):

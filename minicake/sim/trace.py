@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minicake.cache.block_keys import block_keys
-from minicake.sched.conductor import Request
+from minicake.conductor.conductor import Request
 from minicake.traces import open_trace, trace_path
 
 TRACE_BLOCK_SIZE = 512

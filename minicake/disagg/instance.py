@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 from minicake.config import EngineConfig
 from minicake.engine import Engine, StepOutput
-from minicake.serve.calibration import startup_timings
-from minicake.serve.messages import (ALIVE_PERIOD_S, PARENT, Abort, Alive, Crashed, Mailbox, NewRequest, Outputs,
+from minicake.disagg.calibration import startup_timings
+from minicake.disagg.messages import (ALIVE_PERIOD_S, PARENT, Abort, Alive, Crashed, Mailbox, NewRequest, Outputs,
                                      Ready, Shutdown, Stats, error_line)
 
 STATS_PERIOD_S = 0.2  # a busy instance reports its stats at most this often
@@ -147,7 +147,7 @@ def build_instance(spec: InstanceSpec, engine: Engine, mailbox: Mailbox) -> Inst
     if spec.role == "colocated":
         return ColocatedInstance(spec, engine, mailbox)
     if spec.role == "prefill":
-        from minicake.serve.prefill_instance import PrefillInstance
+        from minicake.disagg.prefill_instance import PrefillInstance
         return PrefillInstance(spec, engine, mailbox)
-    from minicake.serve.decode_instance import DecodeInstance
+    from minicake.disagg.decode_instance import DecodeInstance
     return DecodeInstance(spec, engine, mailbox)

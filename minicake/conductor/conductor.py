@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass, field
 
 from minicake.cache.block_keys import block_keys
-from minicake.sched.cost_model import CostModel
+from minicake.conductor.cost_model import CostModel
 
 SCHEDULERS = ("random", "load", "cache-local", "kvcache")
 ADMISSIONS = ("none", "baseline", "early", "predictive")

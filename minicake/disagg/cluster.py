@@ -2,7 +2,7 @@
 
 `Cluster` starts one process per instance (DESIGN.md 1): prefill groups of `pipeline_stages`
 ranks each, then the decode instances, or one colocated engine. It validates a request,
-asks the Conductor (minicake/sched/live.py) for its prefill and decode instance, or refuses it
+asks the Conductor (minicake/conductor/live.py) for its prefill and decode instance, or refuses it
 (`RequestRejected`), and gathers the `StepOutput`s the instances stream back, which with the
 prefill instances' block-key reports keep the Conductor's view current. A background thread reads the instances' outbox and
 watches the processes: when one dies, or sends nothing for `heartbeat_timeout` seconds (hung: it
@@ -30,12 +30,12 @@ from minicake.model.config import ModelConfig
 from minicake.model.loader import check_weight_files, resolve_model
 from minicake.model.tokenizer import Tokenizer
 from minicake.sampling import SamplingParams
-from minicake.serve.instance import InstanceSpec, run_instance
-from minicake.serve.launcher import launch, stop
-from minicake.sched.conductor import ConductorConfig
-from minicake.sched.cost_model import CostModel, calibrate, load_profile
-from minicake.sched.live import LiveConductor, RequestRejected, SLOUnreachable
-from minicake.serve.messages import (PARENT, Abort, Crashed, HeldBlocks, Mailbox, NewRequest, Outputs, Ready,
+from minicake.disagg.instance import InstanceSpec, run_instance
+from minicake.disagg.launcher import launch, stop
+from minicake.conductor.conductor import ConductorConfig
+from minicake.conductor.cost_model import CostModel, calibrate, load_profile
+from minicake.conductor.live import LiveConductor, RequestRejected, SLOUnreachable
+from minicake.disagg.messages import (PARENT, Abort, Crashed, HeldBlocks, Mailbox, NewRequest, Outputs, Ready,
                                      Shutdown, Stats, error_line, make_pipes)
 
 START_TIMEOUT_S = 300.0  # every instance loads its model and reports Ready within this
@@ -45,7 +45,7 @@ START_TIMEOUT_S = 300.0  # every instance loads its model and reports Ready with
 # oversubscribed ones (this 2-core CPU, shared); 60 s is three times that. Raise it for larger models on CPU.
 HEARTBEAT_TIMEOUT_S = 60.0
 log = logging.getLogger("minicake")
-DEFAULT_PROFILE = str(Path(__file__).parent.parent / "sched" / "profiles" / "smollm2-135m-cpu.json")
+DEFAULT_PROFILE = str(Path(__file__).parent.parent / "conductor" / "profiles" / "smollm2-135m-cpu.json")
 EMPTY_STATS = {"num_running": 0, "num_waiting": 0, "kv_usage": 0.0, "num_free_blocks": 0, "num_blocks": 0,
                "prefix_queries_tokens": 0, "prefix_hits_tokens": 0, "num_preemptions": 0}
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from minicake.sched.conductor import ConductorConfig, Decision
+from minicake.conductor.conductor import ConductorConfig, Decision
 
 PENDING, FINISHED, REJECTED, REJECTED_AFTER_PREFILL = 0, 1, 2, 3
 

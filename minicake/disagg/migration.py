@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from minicake.cache.block_keys import block_keys
-from minicake.cache.transfer import KVReceiver, KVSender
+from minicake.disagg.transfer import KVReceiver, KVSender
 from minicake.sampling import SamplingParams
 from minicake.sched.sequence import Sequence
 

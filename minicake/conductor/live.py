@@ -13,9 +13,9 @@ import math
 import time
 from dataclasses import dataclass
 
-from minicake.sched.conductor import (BlockIndex, Conductor, ConductorConfig, Decision, DecodeState, PrefillState,
+from minicake.conductor.conductor import (BlockIndex, Conductor, ConductorConfig, Decision, DecodeState, PrefillState,
                                       Request, request_from_tokens)
-from minicake.sched.cost_model import CostModel
+from minicake.conductor.cost_model import CostModel
 
 
 class RequestRejected(Exception):

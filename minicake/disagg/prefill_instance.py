@@ -15,15 +15,15 @@ from collections import deque
 
 import torch
 
-from minicake.cache.migration import BlockFetcher, FetchBlocks, FetchReply, holder_send
-from minicake.cache.transfer import KVSender
+from minicake.disagg.migration import BlockFetcher, FetchBlocks, FetchReply, holder_send
+from minicake.disagg.transfer import KVSender
 from minicake.engine import StepOutput
 from minicake.sampling import sample
-from minicake.sched.live import HeldKeys
+from minicake.conductor.live import HeldKeys
 from minicake.sched.sequence import Sequence
-from minicake.serve.instance import Instance
-from minicake.serve.messages import PARENT, Abort, Heartbeat, HeldBlocks, StartPrefill, Prefilled, PrefillFailed
-from minicake.serve.pipeline import NeighbourFailed, SampleRow, SendPlan, StageBatch, StageRunner, stage_layers
+from minicake.disagg.instance import Instance
+from minicake.disagg.messages import PARENT, Abort, Heartbeat, HeldBlocks, StartPrefill, Prefilled, PrefillFailed
+from minicake.disagg.pipeline import NeighbourFailed, SampleRow, SendPlan, StageBatch, StageRunner, stage_layers
 
 HEARTBEAT_S = 1.0
 
