@@ -8,6 +8,7 @@ import logging
 import sys
 import time
 
+from minicake.config import KERNELS
 from minicake.llm import LLM
 from minicake.sampling import SamplingParams
 
@@ -22,11 +23,13 @@ def main() -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    parser.add_argument("--kernels", choices=KERNELS, default="auto",
+                        help="auto: the platform's kernels (minicake/platforms); torch: the model's own ops")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # shows the KV cache size
 
     try:
-        llm = LLM(args.model, device=args.device)
+        llm = LLM(args.model, device=args.device, kernels=args.kernels)
     except (OSError, ValueError) as e:  # a missing or invalid model file: the error names it
         sys.exit(f"error: {e}")
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,

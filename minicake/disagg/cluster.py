@@ -145,6 +145,7 @@ class Cluster:
             for msg in self._mailbox.receive(timeout=0.5):
                 if isinstance(msg, Ready):
                     self._num_blocks[msg.rank] = msg.num_blocks
+                    log.info("rank %d ready: %d KV blocks, kernels: %s", msg.rank, msg.num_blocks, msg.platform)
                     prefill_timings += msg.prefill_timings
                     decode_timings += msg.decode_timings
                 elif isinstance(msg, Crashed):

@@ -131,7 +131,7 @@ def run_instance(rank: int, spec: InstanceSpec, config: EngineConfig, pipe_ends:
         engine = Engine(config)
         timings = startup_timings(spec.role, spec.stage, engine)  # checks the cost profile, before a role has the engine
         instance = build_instance(spec, engine, mailbox)
-        mailbox.send(PARENT, Ready(rank, engine.block_manager.num_blocks, *timings))
+        mailbox.send(PARENT, Ready(rank, engine.block_manager.num_blocks, engine.platform, *timings))
         instance.serve()
     except Exception as e:  # noqa: BLE001 - the parent turns this into aborted requests
         log.error("rank %d crashed", rank, exc_info=e)

@@ -79,6 +79,7 @@ class Shutdown:  # parent -> every instance
 class Ready:  # instance -> parent, once its model and KV cache are allocated
     rank: int
     num_blocks: int
+    platform: str  # the kernels it runs (minicake/platforms): "cpu", "triton" or "torch"
     # start-up timings (minicake/disagg/calibration.py) that check the cost profile:
     prefill_timings: list[tuple[int, int, float]]  # (prompt tokens, cached tokens, seconds)
     decode_timings: list[tuple[int, int, float]]  # (batch size, context tokens, seconds of a step)

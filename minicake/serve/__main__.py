@@ -19,7 +19,7 @@ import sys
 import torch
 import uvicorn
 
-from minicake.config import EngineConfig
+from minicake.config import KERNELS, EngineConfig
 from minicake.serve.api import create_app
 from minicake.conductor.conductor import ADMISSIONS, SCHEDULERS, ConductorConfig
 from minicake.conductor.cost_model import load_profile
@@ -31,7 +31,7 @@ log = logging.getLogger("minicake.serve")
 
 ENGINE_FLAGS = ("model", "device", "dtype", "block_size", "max_num_seqs", "max_model_len",
                 "max_num_batched_tokens", "num_kv_blocks", "kv_pool_blocks",
-                "num_threads", "enforce_eager")
+                "num_threads", "enforce_eager", "kernels")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -65,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "within it (counted in minicake:requests_effective)")
     p.add_argument("--tbt-slo", type=float, help="seconds, on the paper's TBT (mean of a "
                    "request's slowest 10%% of gaps)")
+    p.add_argument("--kernels", choices=KERNELS, help="auto (default: C kernels on a CPU, Triton on "
+                   "CUDA), or torch: the model's own torch ops, no platform code (minicake/platforms)")
     p.add_argument("--enforce-eager", action="store_true", default=None,
                    help="run every step eagerly: no decode graphs (recorded small decode steps, replayed)")
     p.add_argument("--kv-pool-blocks", type=int,
