@@ -1,7 +1,7 @@
 """`python -m minicake.bench`: the serving benchmark client, shaped like `vllm bench serve`.
 
 It streams requests to a running `/v1/completions` endpoint: a random workload, or a replay
-of a Mooncake trace (DESIGN.md 5) in which every hash id becomes one fixed random block of
+of a Mooncake trace (docs/design.md, Traces) in which every hash id becomes one fixed random block of
 token ids, so requests that share hash ids share a prefix, and lengths are scaled by
 `--scale`. It reports TTFT, TPOT, ITL, E2E, the paper's TBT and goodput under the SLOs.
 """

@@ -1,4 +1,4 @@
-"""The Conductor's decisions on hand-built clusters (DESIGN.md 4.3, 4.4, 4.7).
+"""The Conductor's decisions on hand-built clusters (docs/design.md: Prefill choice, Decode choice, Admission control).
 
 A toy cost model keeps the numbers readable: blocks of 4 tokens, prefill 1 ms per computed
 token, fetch 10 ms per block, decode step 10 ms + 1 us per context token.

@@ -1,5 +1,5 @@
 """The cost model: the paper-70b profile against its FLOP and byte counts written out by
-hand, and the least-squares fit against a known polynomial (DESIGN.md 4.3, 4.4)."""
+hand, and the least-squares fit against a known polynomial (docs/design.md, Cost models)."""
 import json
 
 import pytest

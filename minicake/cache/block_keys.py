@@ -1,4 +1,4 @@
-"""Chained block keys (DESIGN.md 4.1): the one function that names a prefix.
+"""Chained block keys (docs/design.md, Block keys): the one function that names a prefix.
 
 A prompt is cut into blocks of `block_size` tokens. The key of block i hashes (key of
 block i-1, tokens of block i), so equal key i means equal prefix up to the end of block i

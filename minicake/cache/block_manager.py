@@ -1,7 +1,7 @@
 """Block manager over the paged KV cache: reference counts, block tables, prefix caching.
 
 The KV cache is `num_blocks` fixed blocks of `block_size` token slots. A sequence's block
-table lists its blocks in token order. With prefix caching (DESIGN.md 4.1) every full,
+table lists its blocks in token order. With prefix caching (docs/design.md, Block keys) every full,
 computed block gets its chained key; a new sequence whose leading blocks have known keys
 (and the same token ids: a hash collision is never served) shares those blocks instead of
 computing them. A block whose last user left keeps its key and stays revivable until the

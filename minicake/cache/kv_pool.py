@@ -1,4 +1,4 @@
-"""The host-memory KV pool of an instance (DESIGN.md 4.2): evicted full blocks, by block key.
+"""The host-memory KV pool of an instance (docs/design.md, KV pool): evicted full blocks, by block key.
 
 When the device block manager evicts a full, keyed block, its K/V of every layer are copied
 into a preallocated host buffer (pinned memory on CUDA) under the block's key; the pool

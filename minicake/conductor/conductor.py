@@ -1,11 +1,12 @@
-"""The Conductor: Mooncake's KVCache-centric global scheduler (DESIGN.md 4.1-4.4 and 4.7).
+"""The Conductor: Mooncake's KVCache-centric global scheduler.
 
 For every request it looks up where the request's prefix is cached (the block index),
 predicts TTFT on each prefill instance (queue + fetch + prefill), picks a decode instance by
 predicted TBT and free KV room, and admits or rejects under the TTFT and TBT SLOs; a request
 that would break an SLO even alone on an idle cluster is rejected as unreachable. It sees
 instances only through the plain state dataclasses below, which whoever runs the instances
-(the simulator now, live instance processes later) keeps up to date.
+(the simulator, or `LiveConductor` for a running cluster) keeps up to date. Each decision:
+docs/design.md, Prefill choice, Decode choice and Admission control.
 """
 import math
 import random
@@ -103,7 +104,7 @@ class ConductorConfig:
 
 
 class BlockIndex:
-    """Block key -> ids of the instances that hold it (DESIGN.md 4.2); instances report changes."""
+    """Block key -> ids of the instances that hold it (docs/design.md, KV pool); instances report changes."""
 
     def __init__(self):
         self.holders: dict[int, set[int]] = {}
@@ -263,9 +264,9 @@ class Conductor:
         return best, best_tbt
 
     def _predicted_batch(self, state: DecodeState, now: float, at: float) -> tuple[int, int]:
-        """(batch size, context tokens) of `state` at time `at` (DESIGN.md 4.7): the running
-        requests and those whose prefill ends by `at`, less those predicted to end in (now, at]
-        with the mean decode duration. A request already past the mean is known to be still
+        """(batch size, context tokens) of `state` at time `at` (docs/design.md, Admission control):
+        the running requests and those whose prefill ends by `at`, less those predicted to end in
+        (now, at] with the mean decode duration. A request already past the mean is known to be still
         running, so it stays: dropping it would undercount the long requests that fill a batch."""
         batch = context = 0
         for m in state.members.values():

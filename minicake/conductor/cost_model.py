@@ -1,4 +1,4 @@
-"""Cost model of the Conductor and the simulator (DESIGN.md 4.3 and 4.4).
+"""Cost model of the Conductor and the simulator (docs/design.md, Cost models).
 
 Predicts the prefill time of a prompt of N tokens of which C are cached, the decode step
 time of a batch (batch size, total context tokens), and the time to move KV blocks between

@@ -1,4 +1,4 @@
-"""The Conductor of a running cluster (DESIGN.md 1, 4.2-4.4, 4.7): the simulator's decision code, live.
+"""The Conductor of a running cluster (docs/design.md, The live Conductor): the simulator's decision code, live.
 
 `LiveConductor` owns the same `Conductor`, `BlockIndex`, `PrefillState`s and `DecodeState`s that
 the simulator drives, and keeps them up to date from what the running system reports instead
@@ -19,8 +19,8 @@ from minicake.conductor.cost_model import CostModel
 
 
 class RequestRejected(Exception):
-    """Raised by `Cluster.add_request` when admission control refuses a request for now (DESIGN.md
-    4.7); `retry_after_s`: when the predicted queue will let it meet the SLO (the server's 429)."""
+    """Raised by `Cluster.add_request` when admission control refuses a request for now (docs/design.md,
+    Admission control); `retry_after_s`: when the predicted queue will let it meet the SLO (the server's 429)."""
 
     def __init__(self, message: str, retry_after_s: float = 1.0):
         super().__init__(message)
@@ -73,7 +73,7 @@ class LiveConductor:
     def schedule(self, request_id: str, token_ids: list[int], max_tokens: int) -> Decision:
         """The Conductor's decision; an admitted request is committed (queue, KV reservation).
         Unlike the simulator, baseline admission picks the decode instance now as well: a decode
-        instance must reserve the blocks before its prefill starts (DESIGN.md 2, step 3)."""
+        instance must reserve the blocks before its prefill starts (docs/design.md, The life of one request)."""
         assert request_id not in self.requests, f"request {request_id!r} is already scheduled"
         req = request_from_tokens(next(self._ids), token_ids, max_tokens, self.config.block_size)
         now = self.now()

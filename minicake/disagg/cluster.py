@@ -1,6 +1,6 @@
 """The parent side of a disaggregated deployment: start the instances, route, collect, stop.
 
-`Cluster` starts one process per instance (DESIGN.md 1): prefill groups of `pipeline_stages`
+`Cluster` starts one process per instance (docs/design.md, Processes): prefill groups of `pipeline_stages`
 ranks each, then the decode instances, or one colocated engine. It validates a request,
 asks the Conductor (minicake/conductor/live.py) for its prefill and decode instance, or refuses it
 (`RequestRejected`), and gathers the `StepOutput`s the instances stream back, which with the

@@ -1,6 +1,6 @@
 """A decode instance: reserves blocks, receives a prompt's K/V layer by layer, then decodes.
 
-A new request first reserves every block its prompt needs (DESIGN.md 2, step 3), reusing
+A new request first reserves every block its prompt needs (docs/design.md, The life of one request), reusing
 the blocks of a prefix this instance already holds, and only then asks its prefill group to
 start, saying which blocks not to send. When all layers have arrived and the last prefill
 stage sent the first token, the sequence joins the engine's running batch through

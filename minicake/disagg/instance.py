@@ -1,4 +1,4 @@
-"""The loop of one instance process: read the mailbox, do one unit of work, report (DESIGN.md 1-2).
+"""The loop of one instance process: read the mailbox, do one unit of work, report (docs/design.md, Processes).
 
 `run_instance` is what the launcher starts on every rank: it builds the instance its role
 names (colocated: a plain `Engine`; prefill stage; decode) and runs its loop until the parent

@@ -1,4 +1,4 @@
-"""Process launch for instances: spawn, env:// rendezvous, shutdown, no orphans (DESIGN.md 1).
+"""Process launch for instances: spawn, env:// rendezvous, shutdown, no orphans (docs/design.md, Processes).
 
 Each instance is a process started with torch.multiprocessing's spawn and joined to one
 torch.distributed group through env:// (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE), the

@@ -1,4 +1,4 @@
-"""The control plane: small messages between the parent and the instance processes (DESIGN.md 2).
+"""The control plane: small messages between the parent and the instance processes (docs/design.md, Processes).
 
 They travel on one-way pipes, one per pair of processes (`Mailbox`, at the end of this file);
 K/V and hidden states never do (they go through torch.distributed). One request, disaggregated:

@@ -1,4 +1,4 @@
-"""Hot-spot migration (DESIGN.md 4.2, 4.3): a prefill instance pulls the prefix blocks it lacks.
+"""Hot-spot migration (docs/design.md, Hot-spot migration): a prefill instance pulls the prefix blocks it lacks.
 
 The Conductor chose prefill instance A for a request whose leading blocks instance B holds
 (on its device or in its host KV pool). A stages the request: it takes its own cached prefix,

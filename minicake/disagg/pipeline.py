@@ -1,4 +1,4 @@
-"""Chunked pipeline-parallel prefill (DESIGN.md 4.6) and the K/V sends around each layer (4.5).
+"""Chunked pipeline-parallel prefill and the K/V sends after each layer.
 
 A prefill group of S processes splits the model's layers into S contiguous ranges. Stage 0
 schedules (chunked prefill, prefix cache) and describes each step as a `StageBatch`; the batch
@@ -6,7 +6,8 @@ travels down the stages through the control plane while its hidden states travel
 torch.distributed, so stage s works on chunk c while stage s+1 works on chunk c-1. Every
 stage sends the K/V of its own layers to the decode instance right after computing them.
 All stages have the same number of blocks and follow stage 0's block tables in the same
-order, so a block id means the same tokens on every stage. S=1 is plain prefill.
+order, so a block id means the same tokens on every stage. S=1 is plain prefill. (docs/design.md,
+Chunked pipeline-parallel prefill; Layer-wise KV transfer.)
 """
 import time
 from dataclasses import dataclass

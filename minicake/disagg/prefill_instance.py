@@ -1,14 +1,16 @@
 """A prefill instance: one stage of a prefill group that computes prompts and ships their K/V.
 
 Stage 0 owns the request queue and runs the ordinary `Engine.step()` (chunked prefill, prefix
-cache) with itself plugged in as the step's stage (`Engine.serve_as_prefill`): each step becomes
-a `StageBatch` saying, per request, which blocks are ready to send; after each of its layers
-the new blocks go to the decode instance that reserved them (DESIGN.md 4.5); after its last
-layer it hands the hidden states to the next stage (4.6), or, alone in its group, lets the
-engine sample the first token. Later stages run their layers on what arrives. Whoever samples
-tells the decode instance `Prefilled`. A request leaves the engine once its prompt is computed. A single-stage
-instance also keeps a host KV pool, reports the block keys it holds to the parent (the Conductor's
-index), and pulls a prefix from another prefill instance first when told to (hot-spot migration).
+cache) with itself plugged in as the step's stage (`Engine.serve_as_prefill`; the runner calls
+its `begin`, `after_layer` and `end`): each step becomes a `StageBatch` saying, per request,
+which blocks are ready to send; after each of its layers the new blocks go to the decode
+instance that reserved them (docs/design.md, Layer-wise KV transfer); after its last layer it
+hands the hidden states to the next stage (Chunked pipeline-parallel prefill) or, alone in its
+group, lets the engine sample the first token. Later stages run their layers on what arrives.
+Whoever samples tells the decode instance `Prefilled`. A request leaves the engine once its
+prompt is computed ("prefilled"). A single-stage instance also keeps a host KV pool, reports the
+block keys it holds to the parent (the Conductor's index), and pulls a prefix from another
+prefill instance first when told to (hot-spot migration).
 """
 import time
 from collections import deque

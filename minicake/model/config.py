@@ -1,8 +1,8 @@
 """Model hyperparameters, read once from a Hugging Face `config.json`.
 
-One frozen dataclass describes every decoder minicake serves (DESIGN.md section 3: the
-Llama family). The three architectures differ only in flags: Qwen2 has q/k/v biases,
-Qwen3 normalizes q and k per head. Both config spellings are read: `rope_theta` +
+One frozen dataclass describes every decoder minicake serves (the Llama family:
+docs/design.md, Models and the bundled model). The three architectures differ only in flags:
+Qwen2 has q/k/v biases, Qwen3 normalizes q and k per head. Both config spellings are read: `rope_theta` +
 `rope_scaling` (most checkpoints) and `rope_parameters` (transformers >= 5).
 """
 import json

@@ -1,4 +1,4 @@
-"""Converting a llama GGUF file into a Hugging Face layout directory (DESIGN.md section 7).
+"""Converting a llama GGUF file into a Hugging Face layout directory (docs/design.md, Models and the bundled model).
 
 The tensors are dequantized to fp32 with the `gguf` package and renamed to the Hugging Face
 names; the Q and K projections get their rows un-permuted, per head, back from llama.cpp's

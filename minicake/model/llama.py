@@ -6,7 +6,8 @@ head to the embedding. Every step sees all sequences' new tokens concatenated (n
 no batch dimension) and attends through the one paged `attention` call, so prefill chunks
 and decode tokens share a batch. The layers are exposed one by one (`embed`, `layers`,
 `final_norm`), and `run_layers` takes a layer range and per-layer hooks, so a prefill
-instance can act after each layer and a pipeline stage run its own layers (DESIGN.md 4.5, 4.6).
+instance can act after each layer and a pipeline stage run its own layers (docs/design.md,
+Layer-wise KV transfer; Chunked pipeline-parallel prefill).
 This is plain torch and runs as written; a platform (minicake/platforms) may turn modules
 into their twins that call faster kernels, with the same parameters and the same numbers.
 """

@@ -1,14 +1,15 @@
 """The model runner: a scheduled batch of sequences in, one sampled token per finished row out.
 
-It flattens the batch the way the model's attention expects it (DESIGN.md 3): the new
-tokens of every sequence concatenated, their positions, and an `AttentionMetadata` with
-where each sequence starts, its context length, its block table and the cache slot of each
-new token. Only the rows that complete a sequence this step (the last token of a prompt,
-or a decode) go through the LM head and the sampler: a prefill chunk that stops mid-prompt
-samples nothing. A platform may hand it `decode_graphs` (the CPU's, platforms/cpu/decode_graph.py):
-decode-only steps then replay a recorded step instead of running the model module by module.
-On a prefill instance a `stage` (disagg/pipeline.py) says which layers run here, ships each layer's
-new K/V after it, and, in a pipelined group, passes the hidden states on instead of sampling.
+It flattens the batch the way the model's attention expects it (docs/design.md, One instance:
+the engine): the new tokens of every sequence concatenated, their positions, and an
+`AttentionMetadata` with where each sequence starts, its context length, its block table and
+the cache slot of each new token. Only the rows that complete a sequence this step (the last
+token of a prompt, or a decode) go through the LM head and the sampler: a prefill chunk that
+stops mid-prompt samples nothing. On the CPU platform the engine hands it `decode_graphs`
+(platforms/cpu/decode_graph.py): decode-only steps then replay a recorded step instead of
+running the model module by module. On a prefill instance a `stage` (the instance itself,
+disagg/prefill_instance.py) says which layers run here, ships each layer's new K/V after it,
+and, in a pipelined group, passes the hidden states on instead of sampling.
 """
 import torch
 
@@ -27,7 +28,7 @@ class ModelRunner:
         self.generator = torch.Generator().manual_seed(seed)  # for requests without their own seed
         self.pool = None  # a KVPool whose pending loads run inside the forward pass, layer by layer
         self.decode_graphs = decode_graphs  # .run(input_ids, positions, meta) -> logits or None (eager)
-        self.stage = None  # a prefill instance's stage (disagg/pipeline.py): its layers, hooks around them
+        self.stage = None  # a prefill instance's stage (disagg/prefill_instance.py): its layers, hooks around them
 
     def prepare(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """Flat inputs for each sequence's scheduled tokens (num_computed .. + num_scheduled)."""

@@ -1,7 +1,7 @@
 """Text in and out: the checkpoint's tokenizer, its chat template, incremental detokenization.
 
 A thin wrapper over the `tokenizers` library reading tokenizer.json and tokenizer_config.json
-(DESIGN.md section 2, step 1 and 5). The chat template is rendered with jinja2 the way
+(docs/design.md, Models and the bundled model). The chat template is rendered with jinja2 the way
 transformers renders it. `IncrementalDetokenizer` turns a stream of generated token ids into
 text deltas without ever emitting half of a multi-byte UTF-8 character.
 """

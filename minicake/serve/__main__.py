@@ -1,5 +1,5 @@
 """`python -m minicake.serve`: start the instance processes, then the OpenAI-compatible HTTP
-server in front of them (DESIGN.md 1).
+server in front of them (docs/design.md, Processes).
 
 Defaults: the bundled model on 127.0.0.1:8000; on a CPU machine one prefill and one decode
 process over gloo, on a CUDA machine one instance per GPU. SIGINT and SIGTERM drain the server
@@ -72,9 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kv-pool-blocks", type=int,
                    help="host-memory KV pool of each prefill instance, in blocks (default: none)")
     p.add_argument("--scheduler", choices=SCHEDULERS, default="kvcache",
-                   help="how the Conductor picks the prefill instance (DESIGN.md 4.3)")
+                   help="how the Conductor picks the prefill instance (docs/design.md, Prefill choice)")
     p.add_argument("--admission", choices=ADMISSIONS, default="none",
-                   help="admission control (DESIGN.md 4.7); a refused request gets HTTP 429 "
+                   help="admission control (docs/design.md, Admission control); a refused request gets HTTP 429 "
                    "(judged against --ttft-slo and --tbt-slo)")
     p.add_argument("--profile", default=DEFAULT_PROFILE,
                    help="the Conductor's cost profile (benchmarks/fit_cost_model.py writes one)")

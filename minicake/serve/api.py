@@ -1,5 +1,5 @@
 """The OpenAI-compatible HTTP API (FastAPI): completions, chat completions, models, health,
-metrics (DESIGN.md 1, the frontend).
+metrics (docs/design.md, Processes: the parent).
 
 A handler validates and tokenizes (chat template included), fans the request out into one
 engine request per (prompt, choice), and answers with one JSON body or server-sent events

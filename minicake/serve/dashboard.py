@@ -1,5 +1,5 @@
 """The server's live view: per-instance running/waiting requests, KV usage and prefix hit
-rate, TTFT/TBT percentiles and tokens per second (DESIGN.md 5's metrics, as they happen).
+rate, TTFT/TBT percentiles and tokens per second (docs/design.md, Metrics, as they happen).
 
 In a terminal it is a rich Live table redrawn every half second; when stdout is not a TTY it
 is one plain log line every ten seconds while there is traffic.

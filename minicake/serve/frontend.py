@@ -1,4 +1,4 @@
-"""The async bridge between HTTP handlers and the `Cluster` of instance processes (DESIGN.md 2).
+"""The async bridge between HTTP handlers and the `Cluster` (docs/design.md, The life of one request).
 
 One background thread pulls `cluster.get_outputs` and hands each `StepOutput` to the asyncio
 queue of the HTTP request it belongs to (`loop.call_soon_threadsafe`). A handler that stops

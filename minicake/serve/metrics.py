@@ -1,6 +1,6 @@
 """Server metrics in Prometheus form (names prefixed `minicake:`, as vLLM's are `vllm:`).
 
-Latencies are measured where the client sees them (DESIGN.md 5): TTFT from arrival at the
+Latencies are measured where the client sees them (docs/design.md, Metrics): TTFT from arrival at the
 frontend to the first token, inter-token gaps, end-to-end time, and TBT as in the Mooncake
 paper (mean of the slowest 10% of a request's gaps), which decides whether a request was
 effective under the SLOs. Per-instance numbers come from the latest `cluster.stats()`.

@@ -3,7 +3,8 @@
 Requests are parsed here (not by FastAPI) so that every bad input becomes an OpenAI error
 `{"error": {"message", "type", "param", "code"}}` with HTTP 400 and the parameter named.
 The sampling fields map onto `SamplingParams`, which range-checks them again for the offline
-API (DESIGN.md 2, step 1); the models' JSON schemas document the request in /openapi.json.
+API (docs/serving.md, Limits and hostile input); the models' JSON schemas document the request
+in /openapi.json.
 """
 import json
 import re

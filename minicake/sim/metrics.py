@@ -1,4 +1,4 @@
-"""What the simulator measures, and the metrics of DESIGN.md section 5 computed from it.
+"""What the simulator measures, and the metrics computed from it (docs/design.md, Metrics).
 
 TTFT: arrival to first token (the end of prefill). TBT: the mean of the slowest 10% of a
 request's inter-token gaps (the paper's definition); TPOT: the plain mean gap. A request is

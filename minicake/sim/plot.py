@@ -1,6 +1,7 @@
-"""The figure of a simulated run (DESIGN.md 4.7): per-instance prefill load (predicted queue /
-TTFT SLO) and decode load (step time / TBT SLO) over time, and rejections below; one column
-per run, so two admission policies can be put side by side. matplotlib is an optional extra.
+"""The figure of a simulated run (docs/design.md, Admission control): per-instance prefill
+load (predicted queue / TTFT SLO) and decode load (step time / TBT SLO) over time, and
+rejections below; one column per run, so two admission policies can be put side by side.
+matplotlib is an optional extra.
 """
 from minicake.sim.metrics import REJECTED_AFTER_PREFILL, SimResult
 

@@ -1,4 +1,4 @@
-"""Model of a prefill instance's host-memory KV pool (DESIGN.md 4.2), for the simulator.
+"""Model of a prefill instance's host-memory KV pool (docs/design.md, KV pool), for the simulator.
 
 The pool holds whole blocks by block key up to a capacity in tokens and evicts by LRU (the
 paper's choice) or LFU (to compare), never a block that a queued or running request pinned.

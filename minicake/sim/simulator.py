@@ -1,4 +1,4 @@
-"""Trace-driven discrete-event simulation of a Mooncake cluster (DESIGN.md 4.2-4.4, 4.7, 5).
+"""Trace-driven discrete-event simulation of a Mooncake cluster (docs/design.md, The simulator).
 
 P prefill instances (a FIFO of whole-prompt prefills each, a host KV pool each) and D decode
 instances (continuous batching: one event per decode step, never per token) serve a trace

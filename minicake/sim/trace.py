@@ -1,4 +1,4 @@
-"""Mooncake request traces (DESIGN.md section 5) read into Conductor requests.
+"""Mooncake request traces (docs/design.md, Traces) read into Conductor requests.
 
 One JSON object per line: `timestamp` (ms from start), `input_length` and `output_length`
 (tokens) and `hash_ids` (one id per 512-token block, a trailing partial block included).
