@@ -36,7 +36,7 @@ class EngineConfig:
     enforce_eager: bool = False  # True: no decode graphs (platforms/cpu/decode_graph.py), every step runs eagerly
     num_threads: int | None = None  # torch CPU threads; None: all cores
     seed: int = 0
-    # disaggregation (minicake/serve): a KV transfer silent this long is aborted; layer-wise
+    # disaggregation (minicake/disagg): a KV transfer silent this long is aborted; layer-wise
     # sends overlap prefill compute, False sends every layer after the prompt (the baseline)
     kv_transfer_timeout: float = 30.0
     kv_transfer_layerwise: bool = True

@@ -2,8 +2,11 @@
 
 `step()` reads as nano-vllm's: schedule → run → postprocess. Postprocessing appends the
 sampled tokens, keys the newly full blocks for prefix caching, detokenizes incrementally,
-checks the stop conditions and releases finished sequences' blocks. Requests are refused
-before any work starts if they can never run (empty, too long, larger than the cache).
+checks the stop conditions and releases finished sequences' blocks. It is the step of every
+role: a prefill instance plugs its stage into it (`serve_as_prefill`) and its requests end once
+their prompt is computed; a decode instance admits prompts computed elsewhere (`add_prefilled`).
+Requests are refused before any work starts if they can never run (empty, too long, larger
+than the cache).
 """
 import os
 import weakref
@@ -168,13 +171,13 @@ class Engine:
             del self.requests[seq.request_id]
         return self._output(state, [token], text, reason)
 
-    # --- what the roles of a disaggregated deployment plug in (minicake/serve) -----------------
+    # --- what the roles of a disaggregated deployment plug in (minicake/disagg) ----------------
 
     def serve_as_prefill(self, stage) -> None:
         """A prefill instance's engine: a request ends once its prompt is computed (finish reason
         "prefilled", with its first token where this process sampled it), and `stage`
-        (disagg/pipeline.py) runs inside every step: it ships each layer's new K/V to the decode
-        instance and, in a pipelined group, hands the hidden states on instead of sampling."""
+        (disagg/prefill_instance.py) runs inside every step: it ships each layer's new K/V to the
+        decode instance and, in a pipelined group, hands the hidden states on instead of sampling."""
         self.prefill_only, self.runner.stage = True, stage
 
     def add_prefilled(self, seq: Sequence, first_token: int) -> StepOutput:

@@ -1,8 +1,9 @@
 """The offline API, shaped like vLLM's: `LLM(model).generate(prompts, SamplingParams(...))`.
 
 It feeds every prompt to one `Engine` and steps it until all are done, so the whole batch
-shares continuous batching, chunked prefill and the prefix cache. Outputs come back in
-prompt order, whatever order the requests finished in.
+shares continuous batching, chunked prefill and the prefix cache; with `prefill_instances` the
+same loop drives a `Cluster` of instance processes (disagg/cluster.py, `ClusterEngine`).
+Outputs come back in prompt order, whatever order the requests finished in.
 """
 import sys
 from dataclasses import dataclass, field
