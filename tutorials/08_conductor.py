@@ -86,10 +86,11 @@ assert d.ttft_s < min(recompute, wait)
 # The public Mooncake conversation trace has one line per request: arrival time, input and
 # output lengths, and one hash id per 512-token block (equal ids: equal prefixes). No text:
 # the simulator needs lengths and prefixes, not tokens. minicake ships the trace
-# (`minicake/traces/`, docs/design.md, Traces); the tutorial reads its first 3000 requests.
+# (`minicake/traces/`, docs/design.md, Traces); the tutorial replays all of it, an hour of
+# requests, as recorded.
 
 # %%
-trace = load_trace("conversation", limit=3000)
+trace = load_trace("conversation")
 print(f"conversation trace: {len(trace)} requests over {trace[-1].arrival_s:.0f} s, "
       f"mean prompt {sum(e.request.prompt_len for e in trace) / len(trace):.0f} tokens")
 
@@ -117,14 +118,25 @@ for scheduler, r in results.items():
 # %% [markdown]
 # ## Check
 #
-# Using the caches must pay: the Conductor's rule has the highest prefix hit rate
-# (token-weighted) and the lowest mean TTFT of the four.
+# Using the caches must pay, and by a clear margin. On the whole trace (seed 0; the simulator
+# is deterministic) the Conductor's rule has a mean TTFT of 2.9 s against 4.3 s for the next
+# best, `cache-local`, and 43 s and 111 s for `load` and `random`, which ignore the caches and
+# let the queues grow; its token-weighted hit rate is 0.33 against 0.26 for `cache-local` and
+# 0.11 for the other two. The checks leave room below those margins: at most 0.8 x the mean
+# TTFT of every other scheduler, and at least 1.15 x its hit rate.
 
 # %%
 summaries = {k: r.summary() for k, r in results.items()}
-assert min(summaries, key=lambda k: summaries[k]["avg_ttft_s"]) == "kvcache", summaries
-assert max(summaries, key=lambda k: summaries[k]["hit_rate_token"]) == "kvcache", summaries
-print("kvcache: lowest mean TTFT, highest hit rate")
+best = summaries["kvcache"]
+for scheduler, s in summaries.items():
+    if scheduler != "kvcache":
+        assert best["avg_ttft_s"] <= 0.8 * s["avg_ttft_s"], (scheduler, best["avg_ttft_s"], s["avg_ttft_s"])
+        assert best["hit_rate_token"] >= 1.15 * s["hit_rate_token"], (scheduler, best["hit_rate_token"],
+                                                                       s["hit_rate_token"])
+runner_up = min((k for k in summaries if k != "kvcache"), key=lambda k: summaries[k]["avg_ttft_s"])
+print(f"kvcache: mean TTFT {best['avg_ttft_s']:.2f} s = {best['avg_ttft_s'] / summaries[runner_up]['avg_ttft_s']:.2f} "
+      f"x {runner_up}'s; hit rate {best['hit_rate_token']:.3f}, the others' at most "
+      f"{max(s['hit_rate_token'] for k, s in summaries.items() if k != 'kvcache'):.3f}")
 
 # %% [markdown]
 # ## The TTFT distribution
@@ -148,7 +160,7 @@ ax.set_xscale("log")
 ax.set_xlim(left=1e-2)
 ax.set_xlabel("TTFT (s, log scale)")
 ax.set_ylabel("share of requests")
-ax.set_title(f"conversation trace, first {len(trace)} requests, 6P+6D, paper-70b")
+ax.set_title(f"conversation trace, all {len(trace)} requests, 6P+6D, paper-70b")
 ax.legend()
 fig.tight_layout()
 FIGURES.mkdir(parents=True, exist_ok=True)
@@ -160,7 +172,7 @@ print(f"wrote {FIGURES / '08_ttft_by_scheduler.png'}")
 #
 # - `minicake/conductor/conductor.py`: `_plan` is Algorithm 1 for one instance, `_choose_decode`
 #   the decode side.
-# - `python -m minicake.sim --trace conversation --prefill 6 --decode 6 --limit 3000
+# - `python -m minicake.sim --trace conversation --prefill 6 --decode 6 --scheduler kvcache
 #   --plot load.png`: the same run from the command line, with per-instance load over time.
 # - `minicake/conductor/live.py` and `minicake/disagg/cluster.py`: the same Conductor choosing
 #   instances for live requests in the server's cluster.

@@ -41,11 +41,12 @@ FIGURES = Path(os.environ.get("MINICAKE_FIGURES", REPO / "tutorials" / "figures"
 # %% [markdown]
 # ## An overloaded cluster
 #
-# The conversation trace (its first 3000 requests) replayed twice as fast as recorded on 5
-# prefill and only 2 decode instances, with a tight TBT SLO of 30 ms: decode is the scarce side.
+# The whole conversation trace replayed twice as fast as recorded (its hour in half an hour)
+# on 5 prefill and only 2 decode instances, with a tight TBT SLO of 30 ms: decode is the
+# scarce side.
 
 # %%
-trace = load_trace("conversation", limit=3000, speed=2.0)
+trace = load_trace("conversation", speed=2.0)
 ttft_slo_s, tbt_slo_s = 15.0, 0.030
 print(f"conversation trace: {len(trace)} requests in {trace[-1].arrival_s:.0f} s (2x speed), 5P+2D, "
       f"SLOs: TTFT {ttft_slo_s} s, TBT {tbt_slo_s * 1e3:.0f} ms")
@@ -73,23 +74,27 @@ for admission, r in results.items():
 # `effective` is the share of all requests that finished within both SLOs (docs/design.md,
 # Metrics); `decode swing` is how much the decode load moves over time. Without admission control
 # (`none`: only a request that fits in no decode instance's KV is refused) the prefill queues
-# grow and almost no request meets its TTFT SLO. Early rejection refuses as many requests as
-# baseline, but it admits them on a stale view of decode, so decode overshoots its SLO in
+# grow and almost no request meets its TTFT SLO. Early rejection refuses about as many requests
+# as baseline, but it admits them on a stale view of decode, so decode overshoots its SLO in
 # waves and many admitted requests miss the TBT SLO. Prediction-based rejection keeps decode
-# level and most requests effective. In this run baseline does as well: the decode side never
-# refused after a prefill, so nothing was wasted; the paper's case against it is a cluster
-# where that happens often, and its cost is the `wasted prefill s` column.
+# level and most requests effective. In this run baseline does as well, slightly better even:
+# the decode side refused only 3 requests after their prefill, 2.6 s of prefill wasted out of
+# the half hour; the paper's case against it is a cluster where that happens often, and its
+# cost is the `wasted prefill s` column.
 
 # %% [markdown]
 # ## Check
 #
 # Prediction must beat plain early rejection where the trap bites: more effective requests
-# and a steadier decode load.
+# and a steadier decode load. On the whole trace the margins are wide: 0.84 of all requests
+# effective against 0.27 (3.0 x), and a decode swing of 0.095 against 0.248 (2.6 x smaller)
+# while both reject about as many requests (692 and 683 of 12,031). The checks ask for 2 x
+# and half, well inside those margins.
 
 # %%
 early, predictive = results["early"], results["predictive"]
-assert predictive.summary()["effective_fraction"] > early.summary()["effective_fraction"]
-assert decode_swing(predictive) < decode_swing(early)
+assert predictive.summary()["effective_fraction"] >= 2 * early.summary()["effective_fraction"]
+assert decode_swing(predictive) <= 0.5 * decode_swing(early)
 print(f"effective: early {early.summary()['effective_fraction']:.3f} -> predictive "
       f"{predictive.summary()['effective_fraction']:.3f}; decode swing {decode_swing(early):.3f} -> "
       f"{decode_swing(predictive):.3f}")
@@ -114,7 +119,8 @@ print(f"wrote {figure}")
 # ## What to read next
 #
 # - `minicake/conductor/conductor.py`: `_predicted_batch` is the whole prediction, 10 lines.
-# - `python benchmarks/admission_overload.py --trace conversation --prefill 5
-#   --decode 2 --tbt-slo 0.03 --plot overload.png`: the whole trace.
+# - `python benchmarks/admission_overload.py --trace conversation --prefill 5 --decode 2
+#   --speed 2 --tbt-slo 0.03 --plot overload.png`: the same comparison from the command line,
+#   with a table and a JSON line.
 # - Chapter 10 (`10_serving.py`): the HTTP server, which runs these policies live with
 #   `--admission early|predictive --ttft-slo ... --tbt-slo ...`.
