@@ -36,8 +36,10 @@ tok = engine.tokenizer
 # ## Watching the steps
 #
 # Two short prompts start; a long one (about 150 tokens) arrives at step 3 while they
-# decode; a fourth short one arrives at step 5. After every `engine.step()` the table shows
-# what each request did in that step, read from its `Sequence` (`num_computed_tokens`):
+# decode; a fourth short one arrives at step 5. `Engine.add_request` returns the request's
+# `Sequence` (`minicake/sched/sequence.py`), the scheduler's view of it; after every
+# `engine.step()` the table shows what each request did in that step, read from its
+# `num_computed_tokens`:
 # `P64` = a prefill chunk of 64 tokens, `D` = one decode token, `.` = waiting or done.
 # The step's token count never exceeds the budget of 64, and the short requests keep
 # decoding while the long prompt is prefilled in chunks beside them.
@@ -52,8 +54,7 @@ seqs, outputs, step_times, rows = {}, {rid: [] for rid in prompts}, [], []
 step = 0
 while step == 0 or engine.has_unfinished_requests():
     for rid, text in arrivals.get(step, []):
-        engine.add_request(rid, tok.encode(text), greedy)
-        seqs[rid] = engine.requests[rid].seq  # the engine's Sequence for this request
+        seqs[rid] = engine.add_request(rid, tok.encode(text), greedy)  # the request's Sequence
     before = {rid: s.num_computed_tokens for rid, s in seqs.items()}
     t0 = time.perf_counter()
     for out in engine.step():

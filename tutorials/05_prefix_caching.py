@@ -62,8 +62,8 @@ assert block_keys(a[:-1], 16) == keys_a[:3], "a partial last block gets no key"
 # served from the cache: its logits are needed to sample the first output token.
 
 # %%
-engine = Engine(EngineConfig(num_kv_blocks=64, block_size=16, max_num_batched_tokens=512,
-                             num_threads=min(2, os.cpu_count())))
+settings = dict(num_kv_blocks=64, block_size=16, max_num_batched_tokens=512, num_threads=min(2, os.cpu_count()))
+engine = Engine(EngineConfig(**settings))
 tok = engine.tokenizer
 system = ("You are a careful assistant for a bakery. Answer in one short sentence. The bakery opens at "
           "seven, sells sourdough, rye and croissants, closes on Mondays, and takes orders by phone. ") * 2
@@ -71,7 +71,7 @@ questions = ["When do you open?", "Do you sell rye bread?", "Are you open on Mon
 greedy = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
 
 
-def generate(request_id: str, text: str) -> tuple[list[int], int, float]:
+def generate(engine: Engine, request_id: str, text: str) -> tuple[list[int], int, float]:
     """(output tokens, cached prompt tokens, seconds to the first token) of one request run alone."""
     engine.add_request(request_id, tok.encode(text), greedy)
     tokens, cached, ttft, t0 = [], 0, 0.0, time.perf_counter()
@@ -87,7 +87,7 @@ def generate(request_id: str, text: str) -> tuple[list[int], int, float]:
 with_cache = {}
 for i, q in enumerate(questions):
     n = len(tok.encode(system + q))
-    with_cache[q] = generate(f"q{i}", system + q)
+    with_cache[q] = generate(engine, f"q{i}", system + q)
     print(f"{q!r}: {n} prompt tokens, {with_cache[q][1]} from the cache, first token after {with_cache[q][2] * 1e3:.0f} ms")
 stats = engine.stats()
 print(f"token-weighted hit rate: {stats['prefix_hits_tokens']} / {stats['prefix_queries_tokens']} = "
@@ -97,16 +97,18 @@ assert with_cache[questions[0]][1] == 0 and all(with_cache[q][1] > 0 for q in qu
 # %% [markdown]
 # ## Check: a hit changes nothing but time
 #
-# The same requests with the block manager's prefix caching switched off: every prompt is
+# The same requests through an engine built with prefix caching off
+# (`EngineConfig(enable_prefix_caching=False)`, otherwise the same settings): every prompt is
 # computed in full, and the greedy tokens must be the same. The time to the first token
 # shows what the cache saved (prefill of the shared part); on a CPU shared with other work,
 # compare the two columns rather than trusting either alone.
 
 # %%
-engine.block_manager.enable_prefix_caching = False
+del engine  # one model in memory at a time
+engine_off = Engine(EngineConfig(**settings, enable_prefix_caching=False))
 print(f"{'question':>26} {'cached':>6} {'TTFT ms (hit)':>13} {'TTFT ms (off)':>13}")
 for i, q in enumerate(questions):
-    tokens, cached, ttft = generate(f"off{i}", system + q)
+    tokens, cached, ttft = generate(engine_off, f"off{i}", system + q)
     assert tokens == with_cache[q][0], (q, tokens, with_cache[q][0])
     assert cached == 0
     print(f"{q:>26} {with_cache[q][1]:6} {with_cache[q][2] * 1e3:13.0f} {ttft * 1e3:13.0f}")
