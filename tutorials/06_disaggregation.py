@@ -37,22 +37,24 @@ import time
 
 import torch
 
-from minicake.config import EngineConfig
 from minicake.llm import LLM
+from minicake.model import ModelConfig, resolve_model
 from minicake.sampling import SamplingParams
-from minicake.disagg.cluster import Cluster
 
 torch.set_num_threads(1)
-# every process uses one thread, so the prefill compute is the same in every deployment
-config = EngineConfig(device="cpu", num_kv_blocks=96, block_size=16, max_num_batched_tokens=1024,
-                      num_threads=1, kv_transfer_timeout=60.0)
+# the engine settings of every deployment below: every process uses one thread, so the
+# prefill compute is the same in every deployment
+settings = dict(device="cpu", num_kv_blocks=96, block_size=16, max_num_batched_tokens=1024, num_threads=1,
+                kv_transfer_timeout=60.0)
+FIRST_TOKEN = SamplingParams(temperature=0.0, max_tokens=1)  # the request ends with its first token
 
 # %% [markdown]
 # ## Two deployments, side by side
 #
-# `Cluster(config, prefill_instances=1, decode_instances=1)` starts one prefill and one
+# `LLM(prefill_instances=1, decode_instances=1)` starts a `Cluster` of one prefill and one
 # decode process (spawned, rendezvous through torch.distributed's env:// with gloo) and
-# returns when both have loaded the model. The second cluster is the same with
+# returns when both have loaded the model; `LLM.generate` then drives the cluster the way it
+# drives an in-process engine (chapter 4). The second cluster is the same with
 # `kv_transfer_layerwise=False`: every layer is sent only after the whole prompt is computed,
 # the baseline that layer-wise sending is measured against.
 #
@@ -62,52 +64,40 @@ config = EngineConfig(device="cpu", num_kv_blocks=96, block_size=16, max_num_bat
 # and function definitions stay at the top level, where a child may run them harmlessly.
 
 # %%
-def generate(cluster: Cluster, request_id: str, prompt: list[int], params: SamplingParams,
-             limit_s: float = 120.0) -> tuple[list[int], float]:
-    """(output tokens, seconds from add_request to the first token, as the caller sees it)."""
-    start = time.monotonic()
-    cluster.add_request(request_id, prompt, params)
-    tokens, ttft = [], None
-    while True:
-        assert time.monotonic() - start < limit_s, f"{request_id}: no answer within {limit_s} s"
-        for out in cluster.get_outputs(timeout=1.0):
-            assert out.finish_reason != "abort", f"{request_id} aborted: {out.error}"
-            if ttft is None and out.new_token_ids:
-                ttft = time.monotonic() - start
-            tokens += out.new_token_ids
-            if out.finished:
-                return tokens, ttft
+def ttft(llm: LLM, prompt: list[int]) -> float:
+    """Seconds from the request to its first token, as the caller sees it: with FIRST_TOKEN the
+    request finishes with that token, so `generate` returns when it arrives."""
+    start = time.perf_counter()
+    out = llm.generate([prompt], FIRST_TOKEN, use_tqdm=False)[0]
+    assert out.finish_reason == "length", f"no first token: {out.finish_reason}"
+    return time.perf_counter() - start
 
 
 if __name__ == "__main__":
     t0 = time.perf_counter()
     clusters = {
-        "layer-wise": Cluster(config, prefill_instances=1, decode_instances=1),
-        "send-after": Cluster(EngineConfig(**{**vars(config), "kv_transfer_layerwise": False}),
-                              prefill_instances=1, decode_instances=1),
+        "layer-wise": LLM(prefill_instances=1, decode_instances=1, **settings),
+        "send-after": LLM(prefill_instances=1, decode_instances=1, kv_transfer_layerwise=False, **settings),
     }
-    for cluster in clusters.values():
-        atexit.register(cluster.close)  # stop the processes even if a check below fails
+    for llm in clusters.values():
+        atexit.register(llm.close)  # stop the processes even if a check below fails
     print(f"started 2 clusters (4 processes) in {time.perf_counter() - t0:.1f} s")
-    for name, cluster in clusters.items():
-        print(name, [(s["role"], s["rank"], s["alive"]) for s in cluster.stats()])
 
 # %% [markdown]
 # ## Check: the decode process generates what one engine generates
 #
-# The tokenizer runs in the caller; the clusters take token ids. A greedy request through
-# each cluster must produce the tokens that an in-process `Engine` (chapter 4) produces:
-# the KV cache that crossed the process boundary is the one the prefill computed.
+# The tokenizer runs in the caller; the instance processes see token ids. A greedy request
+# through each cluster must produce the tokens that an in-process `Engine` (chapter 4)
+# produces: the KV cache that crossed the process boundary is the one the prefill computed.
 
 # %%
 if __name__ == "__main__":
     tok = clusters["layer-wise"].tokenizer
     prompt = tok.encode("The three primary colours are red, yellow and")
     greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-    # the in-process engine behind the offline API, with the clusters' settings
-    reference = LLM(**vars(config)).generate([prompt], greedy, use_tqdm=False)[0].token_ids
-    for name, cluster in clusters.items():
-        tokens, _ = generate(cluster, f"check-{name}", prompt, greedy)
+    reference = LLM(**settings).generate([prompt], greedy, use_tqdm=False)[0].token_ids  # one engine, in process
+    for name, llm in clusters.items():
+        tokens = llm.generate([prompt], greedy, use_tqdm=False)[0].token_ids
         assert tokens == reference, (name, tokens, reference)
     print(f"engine, layer-wise and send-after clusters agree: {tok.decode(reference)!r}")
 
@@ -115,8 +105,9 @@ if __name__ == "__main__":
 # ## Measurement: what the transfer adds to TTFT
 #
 # TTFT at the caller is prefill compute + the KV transfer that has not overlapped with it
-# + control messages. Each prompt length runs on both clusters in turn (twice; the median
-# is shown), so a change in machine load hits both alike. `KV MiB` is what crosses per
+# + control messages (`ttft` above: the time `generate` takes for a request that ends with its
+# first token). Each prompt length runs on both clusters in turn (twice; the median is
+# shown), so a change in machine load hits both alike. `KV MiB` is what crosses per
 # request: 2 (K, V) x 30 layers x 3 KV heads x 64 x 4 bytes per token.
 #
 # On one CPU host gloo moves tensors through local sockets, fast next to a CPU prefill, so
@@ -125,18 +116,17 @@ if __name__ == "__main__":
 
 # %%
 if __name__ == "__main__":
-    mc = clusters["layer-wise"].model_config
+    mc = ModelConfig.from_dir(resolve_model("smollm2-135m"))
     kv_bytes_per_token = 2 * mc.num_hidden_layers * mc.num_key_value_heads * mc.head_dim * 4
-    one_token = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
     g = torch.Generator().manual_seed(0)
     rows = []
     for n in (128, 512):
         prompt = torch.randint(100, mc.vocab_size - 100, (n,), generator=g).tolist()
         times = {name: [] for name in clusters}
         for repeat in range(2):
-            for name, cluster in clusters.items():
+            for name, llm in clusters.items():
                 prompt_r = [repeat + 1] + prompt  # a fresh first block: no prefix-cache hit
-                times[name].append(generate(cluster, f"ttft-{n}-{repeat}-{name}", prompt_r, one_token)[1])
+                times[name].append(ttft(llm, prompt_r))
         rows.append((n, {name: statistics.median(t) for name, t in times.items()}))
     print(f"{'prompt':>6} {'KV MiB':>7} {'TTFT layer-wise s':>17} {'TTFT send-after s':>17}")
     for n, ttft in rows:
@@ -145,17 +135,19 @@ if __name__ == "__main__":
 
 # %%
 if __name__ == "__main__":
-    for cluster in clusters.values():
-        cluster.close()
+    for llm in clusters.values():
+        llm.close()
 
 # %% [markdown]
 # ## What to read next
 #
-# - `minicake/disagg/pipeline.py`: `StageRunner.run_layers` is the layer loop that starts a
-#   send after each layer.
+# - `minicake/model/llama.py`: `CausalLM.run_layers` is the model's one layer loop; a prefill
+#   instance plugs itself into `Engine.step` (`Engine.serve_as_prefill`), and its
+#   `after_layer` hook (`StageRunner.after_layer`, `minicake/disagg/pipeline.py`) starts the
+#   sends of each layer's new blocks.
 # - `minicake/disagg/transfer.py`: why every wait runs in a helper thread (a gloo work that
 #   times out is ended), and why the header comes first (a gloo receive buffer that is too
 #   small aborts the process).
-# - `benchmarks/disagg.py` (where present): the same comparison with more lengths, the
-#   colocated baseline and the pipelined prefill of chapter 7.
+# - `benchmarks/disagg.py`: the same comparison with more lengths, the colocated baseline
+#   and the pipelined prefill of chapter 7.
 # - Chapter 7 (`07_pipeline_prefill.py`): one long prompt, several prefill processes.

@@ -17,8 +17,9 @@
 # same chunks of the same layers are computed, only by different processes.
 #
 # Files: `minicake/disagg/pipeline.py` (`stage_layers`, `StageBatch`, `StageRunner`),
-# `minicake/disagg/prefill_instance.py` (stage 0 schedules; later stages follow),
-# `minicake/disagg/cluster.py` (`Cluster(..., pipeline_stages=S)`).
+# `minicake/disagg/prefill_instance.py` (stage 0 runs `Engine.step`; later stages follow),
+# `minicake/disagg/cluster.py` (`Cluster(..., pipeline_stages=S)`, which
+# `LLM(..., prefill_instances=1, pipeline_stages=S)` starts).
 
 # %%
 import atexit
@@ -27,57 +28,48 @@ import time
 
 import torch
 
-from minicake.config import EngineConfig
+from minicake.disagg.pipeline import stage_layers
 from minicake.llm import LLM
 from minicake.sampling import SamplingParams
-from minicake.disagg.cluster import Cluster
-from minicake.disagg.pipeline import stage_layers
 
 torch.set_num_threads(1)
 CHUNK = 128  # max_num_batched_tokens: a prompt of n tokens is prefilled in ceil(n / 128) chunks
-config = EngineConfig(device="cpu", num_kv_blocks=96, block_size=16, max_num_batched_tokens=CHUNK,
-                      num_threads=1, kv_transfer_timeout=60.0)
+# the engine settings of every deployment below; one thread per process
+settings = dict(device="cpu", num_kv_blocks=96, block_size=16, max_num_batched_tokens=CHUNK, num_threads=1,
+                kv_transfer_timeout=60.0)
+FIRST_TOKEN = SamplingParams(temperature=0.0, max_tokens=1)  # the request ends with its first token
 if __name__ == "__main__":  # spawned instance processes re-run this file's top level (chapter 6)
     print(f"30 layers over 2 stages: {[(r.start, r.stop - 1) for r in (stage_layers(30, 2, s) for s in range(2))]}")
     print(f"30 layers over 4 stages: {[len(stage_layers(30, 4, s)) for s in range(4)]} layers each")
 
 
-def generate(cluster: Cluster, request_id: str, prompt: list[int], params: SamplingParams,
-             limit_s: float = 180.0) -> tuple[list[int], float]:
-    """(output tokens, seconds from add_request to the first token, as the caller sees it)."""
-    start = time.monotonic()
-    cluster.add_request(request_id, prompt, params)
-    tokens, ttft = [], None
-    while True:
-        assert time.monotonic() - start < limit_s, f"{request_id}: no answer within {limit_s} s"
-        for out in cluster.get_outputs(timeout=1.0):
-            assert out.finish_reason != "abort", f"{request_id} aborted: {out.error}"
-            if ttft is None and out.new_token_ids:
-                ttft = time.monotonic() - start
-            tokens += out.new_token_ids
-            if out.finished:
-                return tokens, ttft
+def ttft(llm: LLM, prompt: list[int]) -> float:
+    """Seconds from the request to its first token, as the caller sees it: with FIRST_TOKEN the
+    request finishes with that token, so `generate` returns when it arrives."""
+    start = time.perf_counter()
+    out = llm.generate([prompt], FIRST_TOKEN, use_tqdm=False)[0]
+    assert out.finish_reason == "length", f"no first token: {out.finish_reason}"
+    return time.perf_counter() - start
 
 
 # %% [markdown]
 # ## A 2-stage prefill group next to a plain prefill instance
 #
-# `Cluster(config, pipeline_stages=2)` starts a prefill group of two processes (stage 0:
-# layers 0-14, stage 1: layers 15-29) and one decode process; the other cluster is chapter
-# 6's 1 prefill + 1 decode. Every process gets one thread, so on a machine with at least two
-# free cores the two stages really run at the same time. (Spawned processes re-run this
-# file's top level: the working cells are under `if __name__ == "__main__":`, see chapter 6.)
+# `LLM(prefill_instances=1, pipeline_stages=2)` starts a `Cluster` with a prefill group of two
+# processes (stage 0: layers 0-14, stage 1: layers 15-29) and one decode process; the other
+# deployment is chapter 6's 1 prefill + 1 decode. `LLM.generate` drives a cluster the way it
+# drives an in-process engine (chapter 4). Every process gets one thread, so on a machine with
+# at least two free cores the two stages really run at the same time. (Spawned processes re-run
+# this file's top level: the working cells are under `if __name__ == "__main__":`, see chapter 6.)
 
 # %%
 if __name__ == "__main__":
     t0 = time.perf_counter()
-    clusters = {"1 stage": Cluster(config, prefill_instances=1, decode_instances=1),
-                "2 stages": Cluster(config, pipeline_stages=2)}
-    for cluster in clusters.values():
-        atexit.register(cluster.close)  # stop the processes even if a check below fails
+    clusters = {"1 stage": LLM(prefill_instances=1, decode_instances=1, **settings),
+                "2 stages": LLM(prefill_instances=1, decode_instances=1, pipeline_stages=2, **settings)}
+    for llm in clusters.values():
+        atexit.register(llm.close)  # stop the processes even if a check below fails
     print(f"started 2 clusters (5 processes) in {time.perf_counter() - t0:.1f} s")
-    for name, cluster in clusters.items():
-        print(name, [(s["role"], s["rank"]) for s in cluster.stats()])
 
 # %% [markdown]
 # ## Check: pipelined prefill computes what plain prefill computes
@@ -87,13 +79,12 @@ if __name__ == "__main__":
 
 # %%
 if __name__ == "__main__":
-    mc = clusters["1 stage"].model_config
-    prompt = clusters["1 stage"].tokenizer.encode("Once upon a time, " * 60)[:300]
+    tok = clusters["1 stage"].tokenizer
+    prompt = tok.encode("Once upon a time, " * 60)[:300]
     greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
-    # the in-process engine behind the offline API, with the clusters' settings
-    reference = LLM(**vars(config)).generate([prompt], greedy, use_tqdm=False)[0].token_ids
-    for name, cluster in clusters.items():
-        tokens, _ = generate(cluster, f"check-{name}", prompt, greedy)
+    reference = LLM(**settings).generate([prompt], greedy, use_tqdm=False)[0].token_ids  # one engine, in process
+    for name, llm in clusters.items():
+        tokens = llm.generate([prompt], greedy, use_tqdm=False)[0].token_ids
         assert tokens == reference, (name, tokens, reference)
     print(f"{len(prompt)}-token prompt in {-(-len(prompt) // CHUNK)} chunks: engine, 1 stage and 2 stages agree")
 
@@ -102,21 +93,21 @@ if __name__ == "__main__":
 #
 # A 1-chunk prompt gains nothing from the pipeline (its chunk passes stage 0, then stage
 # 1: the same work in the same order, plus a hand-over). A 4-chunk prompt keeps both stages
-# busy at once after the first chunk. Both clusters take turns on each prompt, twice; the
-# median is shown. The ideal speed-up with S stages and C chunks is C x S / (C + S - 1).
+# busy at once after the first chunk. TTFT is the time `generate` takes for a request that
+# ends with its first token (`ttft` above). Both clusters take turns on each prompt, twice;
+# the median is shown. The ideal speed-up with S stages and C chunks is C x S / (C + S - 1).
 
 # %%
 if __name__ == "__main__":
-    one_token = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
     g = torch.Generator().manual_seed(0)
     print(f"{'prompt':>6} {'chunks':>6} {'TTFT 1 stage s':>14} {'TTFT 2 stages s':>15} {'speed-up':>8} {'ideal':>5}")
     for n in (CHUNK, 4 * CHUNK):
-        prompt = torch.randint(100, mc.vocab_size - 100, (n,), generator=g).tolist()
+        prompt = torch.randint(100, tok.vocab_size - 100, (n,), generator=g).tolist()
         times = {name: [] for name in clusters}
         for repeat in range(2):
-            for name, cluster in clusters.items():
+            for name, llm in clusters.items():
                 prompt_r = [repeat + 1] + prompt[1:]  # a fresh first block: no prefix-cache hit
-                times[name].append(generate(cluster, f"ttft-{n}-{repeat}-{name}", prompt_r, one_token)[1])
+                times[name].append(ttft(llm, prompt_r))
         one, two = statistics.median(times["1 stage"]), statistics.median(times["2 stages"])
         chunks = -(-n // CHUNK)
         print(f"{n:>6} {chunks:>6} {one:14.2f} {two:15.2f} {one / two:8.2f} {chunks * 2 / (chunks + 1):5.2f}")
@@ -125,15 +116,17 @@ if __name__ == "__main__":
 
 # %%
 if __name__ == "__main__":
-    for cluster in clusters.values():
-        cluster.close()
+    for llm in clusters.values():
+        llm.close()
 
 # %% [markdown]
 # ## What to read next
 #
 # - `minicake/disagg/pipeline.py`: `StageRunner.send_hidden` waits only for the previous
 #   batch's send, so at most two chunks sit between neighbours.
-# - `minicake/disagg/prefill_instance.py`: `_describe` decides which blocks each step sends,
-#   `_forward` passes the hidden states on or samples at the last stage.
+# - `minicake/disagg/prefill_instance.py`: stage 0 runs the ordinary `Engine.step` with itself
+#   plugged in (`Engine.serve_as_prefill`): `begin` decides which blocks each step sends,
+#   `after_layer` sends them, `end` passes the hidden states to the next stage; a later stage's
+#   `work` runs its layers (`StageRunner.run_layers`) and the last one samples (`_sample`).
 # - `tests/test_disagg.py`: pipelined and disaggregated output equal the colocated engine's.
 # - Chapter 8 (`08_conductor.py`): many prefill and decode instances, and who gets which request.
