@@ -168,8 +168,9 @@ time_forward_passes("with the CPU platform applied (C kernels):")
 # %% [markdown]
 # ## What to read next
 #
-# - `minicake/model/llama.py`: the decoder, 130 lines; note `embed`, `layers` and
-#   `final_norm` are exposed one by one, which chapter 6 uses to send K/V layer by layer.
+# - `minicake/model/llama.py`: the decoder; `CausalLM.run_layers` is its one loop over the
+#   layers, with hooks before and after each layer: the KV pool loads a layer's blocks before
+#   it, and a prefill instance sends its new K/V after it (chapter 6).
 # - `minicake/model/gguf_import.py`: how the bundled GGUF becomes this safetensors directory.
 # - `minicake/platforms/cpu/`: the CPU's twins of the model's modules and their C kernels.
 # - Chapter 2 (`02_kv_cache_and_paging.py`): what the KV cache holds, why it is cut into

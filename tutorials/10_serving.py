@@ -224,9 +224,10 @@ print(f"server exited with code {server.wait(timeout=60)}")
 #
 # - `minicake/serve/api.py`: how a stream is turned into SSE chunks and how a client
 #   disconnect aborts its request.
-# - `README.md`, "Serving": every flag and endpoint.
+# - `docs/serving.md`: every flag and endpoint, the limits on hostile input, failures and shutdown.
 # - `benchmarks/serving.py`: colocated against 1 prefill + 1 decode through this server, on
 #   the same requests.
 # - `--prefill 2 --decode 1 --admission predictive --ttft-slo 5 --tbt-slo 0.5`: chapters 6,
 #   8 and 9 behind this API; the cluster asks the Conductor (`minicake/conductor/live.py`) where
-#   each request runs, and a refused request gets HTTP 429 with `Retry-After`.
+#   each request runs; a refused request gets HTTP 429 with `Retry-After`, or 400
+#   `slo_unreachable` when it would miss an SLO even on an idle cluster.
