@@ -44,7 +44,12 @@ def read_gbps(num_bytes: int = 1 << 30, reps: int = 5) -> float:
 
 
 def num_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """The checkpoint's parameters: a head tied to the embedding counts once, although the CPU
+    platform gives it a packed copy of its own (platforms/cpu/modules.py, pack_weights)."""
+    n = sum(p.numel() for p in model.parameters())
+    if model.config.tie_word_embeddings and model.lm_head is not None:
+        n -= model.lm_head.weight.numel()
+    return n
 
 
 def load_hf(model_dir):
