@@ -97,7 +97,6 @@ class Engine:
             self.block_manager.pool = self.runner.pool = KVPool(config.kv_pool_blocks, self.kv_caches)
         self.requests: dict[str, RequestState] = {}
         self.aborted: list[StepOutput] = []  # reported by the next step()
-        self.prefill_only = False  # set by serve_as_prefill
         LIVE_ENGINES.add(self)
 
     def _allocate_kv_caches(self, dtype: torch.dtype):
@@ -149,7 +148,7 @@ class Engine:
     def _postprocess(self, seqs: list[Sequence], tokens: list[int]) -> list[StepOutput]:
         outputs, self.aborted = self.aborted, []
         reached_end = self.scheduler.advance(seqs)  # prompt chunks in the middle of a prompt are not here
-        if self.prefill_only:  # the prompts are done: their requests move on to a decode instance
+        if self.runner.stage is not None:  # a prefill instance: the prompts are done, their requests move on
             assert len(tokens) in (0, len(reached_end)), "a token for every finished prompt, or none here"
             for i, seq in enumerate(reached_end):
                 state = self.requests.pop(seq.request_id)
@@ -178,7 +177,7 @@ class Engine:
         "prefilled", with its first token where this process sampled it), and `stage`
         (disagg/prefill_instance.py) runs inside every step: it ships each layer's new K/V to the
         decode instance and, in a pipelined group, hands the hidden states on instead of sampling."""
-        self.prefill_only, self.runner.stage = True, stage
+        self.runner.stage = stage
 
     def add_prefilled(self, seq: Sequence, first_token: int) -> StepOutput:
         """A decode instance's request whose prompt a prefill instance computed: `seq` holds its

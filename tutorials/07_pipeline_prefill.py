@@ -23,6 +23,7 @@
 
 # %%
 import atexit
+from importlib import import_module
 import statistics
 import time
 
@@ -37,19 +38,12 @@ CHUNK = 128  # max_num_batched_tokens: a prompt of n tokens is prefilled in ceil
 # the engine settings of every deployment below; one thread per process
 settings = dict(device="cpu", num_kv_blocks=96, block_size=16, max_num_batched_tokens=CHUNK, num_threads=1,
                 kv_transfer_timeout=60.0)
-FIRST_TOKEN = SamplingParams(temperature=0.0, max_tokens=1)  # the request ends with its first token
 if __name__ == "__main__":  # spawned instance processes re-run this file's top level (chapter 6)
     print(f"30 layers over 2 stages: {[(r.start, r.stop - 1) for r in (stage_layers(30, 2, s) for s in range(2))]}")
     print(f"30 layers over 4 stages: {[len(stage_layers(30, 4, s)) for s in range(4)]} layers each")
 
 
-def ttft(llm: LLM, prompt: list[int]) -> float:
-    """Seconds from the request to its first token, as the caller sees it: with FIRST_TOKEN the
-    request finishes with that token, so `generate` returns when it arrives."""
-    start = time.perf_counter()
-    out = llm.generate([prompt], FIRST_TOKEN, use_tqdm=False)[0]
-    assert out.finish_reason == "length", f"no first token: {out.finish_reason}"
-    return time.perf_counter() - start
+ttft = import_module("06_disaggregation").ttft  # chapter 6's time to first token, as the caller sees it
 
 
 # %% [markdown]
