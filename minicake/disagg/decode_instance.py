@@ -11,8 +11,6 @@ aborts only its own request, with the reason.
 import time
 from collections import deque
 
-import torch
-
 from minicake.disagg.transfer import KVReceiver
 from minicake.sched.sequence import Sequence
 from minicake.engine import StepOutput
@@ -75,7 +73,7 @@ class DecodeInstance(Instance):
             msg = self.to_reserve[0]
             try:
                 seq = Sequence(msg.request_id, msg.prompt_token_ids, msg.params)
-            except Exception as e:  # e.g. a seed torch refuses: only this request fails
+            except Exception as e:  # a sequence that cannot be built: only this request fails
                 self.to_reserve.popleft()
                 error = self.request_failed(msg.request_id, e)
                 self.emit([StepOutput.aborted(msg.request_id, len(msg.prompt_token_ids), error)])
@@ -102,8 +100,6 @@ class DecodeInstance(Instance):
         self.kv_wait_s += max(0.0, time.time() - first.sent_at)
         self.num_transfers += 1
         seq.num_cached_tokens = first.num_cached_tokens
-        if first.generator_state is not None:  # continue the seeded stream where prefill left it
-            seq.generator.set_state(torch.frombuffer(bytearray(first.generator_state), dtype=torch.uint8))
         self.emit([self.engine.add_prefilled(seq, first.first_token)])
 
     def _fail(self, transfer_id: int, error: str) -> None:

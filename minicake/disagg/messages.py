@@ -42,7 +42,6 @@ class StartPrefill:  # decode -> prefill stage 0, once the blocks are reserved: 
 class Prefilled:  # last prefill stage -> decode: every K/V send of the prompt has started
     transfer_id: int
     first_token: int
-    generator_state: bytes | None  # a seeded request's generator after the first sample
     num_cached_tokens: int  # prompt tokens the prefill instance found in its prefix cache
     sent_at: float  # time.time() when the last stage finished computing the prompt
 

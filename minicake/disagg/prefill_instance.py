@@ -12,6 +12,7 @@ prompt is computed ("prefilled"). A single-stage instance also keeps a host KV p
 block keys it holds to the parent (the Conductor's index), and pulls a prefix from another
 prefill instance first when told to (hot-spot migration).
 """
+import random
 import time
 from collections import deque
 
@@ -20,7 +21,7 @@ import torch
 from minicake.disagg.migration import BlockFetcher, FetchBlocks, FetchReply, holder_send
 from minicake.disagg.transfer import KVSender
 from minicake.engine import StepOutput
-from minicake.sampling import sample
+from minicake.sampling import sample, to_device
 from minicake.conductor.live import HeldKeys
 from minicake.sched.sequence import Sequence
 from minicake.disagg.instance import Instance
@@ -39,7 +40,7 @@ class PrefillInstance(Instance):
         self.sender = KVSender(cfg.kv_transfer_timeout)
         self.layers = stage_layers(layers, len(self.group), self.stage)
         self.runner = StageRunner(engine.model, engine.kv_caches, self.layers, self.sender, cfg.kv_transfer_timeout)
-        self.generator = torch.Generator().manual_seed(cfg.seed)  # stages > 0: for unseeded sampled requests
+        self.seeds = random.Random(cfg.seed)  # stages > 0: a seed for each unseeded request sampled here
         self.requests: dict[str, tuple[Sequence, StartPrefill]] = {}  # stage 0: request id -> its sequence
         self.sent_blocks: dict[str, int] = {}  # stage 0: request id -> blocks sent (or held by decode)
         self.batch: StageBatch | None = None  # stage 0: the step being run
@@ -129,7 +130,7 @@ class PrefillInstance(Instance):
                 if not self.is_last:
                     self._pass_on(hidden, residual, batch)
                 elif batch.samples:
-                    self._sample(hidden, residual, batch.samples)
+                    self._sample(hidden, residual, batch.samples, batch.positions)
             except NeighbourFailed as e:  # the requests of this batch fail like a failed K/V send
                 for transfer_id, dst in {(s.transfer_id, s.dst) for s in batch.sends + batch.samples}:
                     self.mailbox.send(dst, PrefillFailed(transfer_id, str(e)))
@@ -167,8 +168,7 @@ class PrefillInstance(Instance):
         if entry is None or not out.new_token_ids:  # aborted, or the last stage samples it
             return
         seq, prefill = entry
-        state = None if seq.generator is None else seq.generator.get_state().numpy().tobytes()
-        self.mailbox.send(prefill.decode_rank, Prefilled(prefill.transfer_id, out.new_token_ids[0], state,
+        self.mailbox.send(prefill.decode_rank, Prefilled(prefill.transfer_id, out.new_token_ids[0],
                                                          seq.num_cached_tokens, time.time()))
 
     def _abort_step(self, error: str) -> None:
@@ -225,14 +225,13 @@ class PrefillInstance(Instance):
             self.dst_of[s.transfer_id] = s.dst
 
     @torch.inference_mode()
-    def _sample(self, hidden, residual, samples: list[SampleRow]) -> None:
-        """Only the last token of each finished prompt goes through the norm and the LM head."""
-        rows = torch.tensor([s.row for s in samples], device=hidden.device)
+    def _sample(self, hidden, residual, samples: list[SampleRow], positions: list[int]) -> None:
+        """Only the last token of each finished prompt goes through the norm and the LM head; its
+        first token is sampled at the position after it, as a colocated engine samples it."""
+        rows = to_device([s.row for s in samples], torch.int64, hidden.device)
         logits = self.engine.model.compute_logits(self.engine.model.final_norm(hidden[rows], residual[rows]))
-        generators = [None if s.params.seed is None else torch.Generator().manual_seed(s.params.seed)
-                      for s in samples]
-        tokens = sample(logits.cpu(), [s.params for s in samples], generators, self.generator)
+        seeds = [self.seeds.getrandbits(63) if s.params.seed is None else s.params.seed for s in samples]
+        tokens = sample(logits, [s.params for s in samples], seeds, [positions[s.row] + 1 for s in samples])
         now = time.time()
-        for s, token, g in zip(samples, tokens, generators):
-            state = None if g is None else g.get_state().numpy().tobytes()
-            self.mailbox.send(s.dst, Prefilled(s.transfer_id, token, state, s.num_cached_tokens, now))
+        for s, token in zip(samples, tokens):
+            self.mailbox.send(s.dst, Prefilled(s.transfer_id, token, s.num_cached_tokens, now))

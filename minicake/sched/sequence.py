@@ -8,8 +8,6 @@ part of the prompt that is prefilled again.
 """
 from enum import Enum, auto
 
-import torch
-
 from minicake.sampling import SamplingParams
 
 
@@ -33,10 +31,9 @@ class Sequence:
         self.num_scheduled_tokens = 0  # new tokens the current step computes
         self.admitted = False  # scheduled at least once (prefix counters count the first time only)
         self.finish_reason: str | None = None
-        # a seeded request owns its generator, so the batch around it changes nothing
-        self.generator = None
-        if params.seed is not None:
-            self.generator = torch.Generator().manual_seed(params.seed)
+        # the sampler's noise depends on (seed, position) only (sampling.py); an unseeded request
+        # gets a seed from the engine's own when it is first sampled (model/runner.py)
+        self.seed: int | None = params.seed
 
     def __len__(self) -> int:
         return len(self.token_ids)
