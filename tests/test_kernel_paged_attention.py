@@ -132,6 +132,7 @@ def test_kv_is_split_only_when_the_grid_is_too_small_for_the_gpu():
     assert default_num_splits(num_programs=8, max_context=2048, num_sms=132) == 4  # splits keep >= 512 tokens
     assert default_num_splits(num_programs=2048, max_context=32768, num_sms=132) == 1  # a big batch fills the GPU
     assert default_num_splits(num_programs=8, max_context=32768, num_sms=1) == 1  # the CPU interpreter
+    assert default_num_splits(num_programs=2, max_context=2**20, num_sms=132) == 128  # MAX_SPLITS: more would spill
 
 
 def test_explicit_scale_is_used():

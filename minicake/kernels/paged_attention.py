@@ -11,6 +11,9 @@ import triton.language as tl
 
 LOG2_E = 1.4426950408889634
 MIN_TOKENS_PER_SPLIT = 512  # shortest KV range worth a program and a partial write (a guess, not timed yet)
+# the combine kernel holds NUM_SPLITS x HEAD_DIM fp32 partials in registers: 256 x 128 spills on
+# sm_80 and sm_90, 128 x 128 does not (benchmarks/kernel_registers.py)
+MAX_SPLITS = 128
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
@@ -169,7 +172,8 @@ def _combine_splits_kernel(
 def paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale=None,
                     num_splits=None):
     """Same contract as `reference.paged_attention_ref`. `num_splits` (a power of two) cuts every
-    query tile's KV range over that many programs; None picks it from shapes and the device."""
+    query tile's KV range over that many programs; None picks it from shapes and the device (only
+    a decode-only batch splits)."""
     _check_inputs(q, k_cache, v_cache, block_tables, context_lens, query_start_loc)
     num_tokens, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -181,7 +185,9 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start
         return out
     block_m, block_q, block_n, num_warps = launch_config(num_tokens, num_seqs, group, q.dtype)
     num_q_tiles = num_tokens // block_q + num_seqs  # upper bound, see _find_seq_idx
-    if num_splits is None:
+    if num_splits is None and num_tokens != num_seqs:
+        num_splits = 1  # a 16-bit prefill tile spills its fp32 partials when split (benchmarks/kernel_registers.py)
+    elif num_splits is None:
         num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
         num_splits = default_num_splits(num_q_tiles * num_kv_heads, block_tables.shape[1] * block_size, num_sms)
     if num_splits < 1 or num_splits & (num_splits - 1):
@@ -237,9 +243,10 @@ def launch_config(num_tokens: int, num_seqs: int, group: int, dtype: torch.dtype
 def default_num_splits(num_programs: int, max_context: int, num_sms: int) -> int:
     """Split the KV range until the grid covers the GPU's SMs twice, while each split keeps at
     least MIN_TOKENS_PER_SPLIT of the longest possible context (max_context, from the block
-    table's width). Small-batch decode at long context is the case this is for."""
+    table's width), and no more than MAX_SPLITS. Small-batch decode at long context is the case this is for."""
     num_splits = 1
-    while num_programs * num_splits < 2 * num_sms and max_context >= 2 * num_splits * MIN_TOKENS_PER_SPLIT:
+    while (num_splits < MAX_SPLITS and num_programs * num_splits < 2 * num_sms
+           and max_context >= 2 * num_splits * MIN_TOKENS_PER_SPLIT):
         num_splits *= 2
     return num_splits
 
