@@ -21,19 +21,19 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from minicake.platforms.devices import gpu_spec  # noqa: E402
+
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 DECODE_BATCHES = (1, 4, 16, 64, 256)
 DECODE_CONTEXTS = (512, 2048, 8192, 32768)
 PREFILL_SHAPES = ((1, 512), (1, 2048), (1, 8192), (4, 2048), (16, 512))  # (batch, prompt tokens)
-# peak memory bandwidth in GB/s by device-name substring, first match wins (vendor datasheets)
-PEAK_GBPS = (("GH200", 4000), ("H200", 4800), ("H100 PCIe", 2000), ("H100 NVL", 3900), ("H100", 3350),
-             ("A100-SXM4-80GB", 2039), ("A100 80GB PCIe", 1935), ("A100", 1555), ("L40S", 864),
-             ("L4", 300), ("A10G", 600), ("RTX 4090", 1008), ("RTX 3090", 936), ("T4", 320))
 
 
 def peak_gbps_for(device_name: str) -> float | None:
-    """The datasheet peak bandwidth of a device, or None when the name is not in PEAK_GBPS."""
-    return next((gbps for key, gbps in PEAK_GBPS if key in device_name), None)
+    """The datasheet peak bandwidth of a device (minicake/platforms/devices.py), or None when its
+    name is not in the table."""
+    spec = gpu_spec(device_name)
+    return spec.hbm_bytes_s / 1e9 if spec else None
 
 
 @dataclass

@@ -1,10 +1,12 @@
-"""The cost model: the paper-70b profile against its FLOP and byte counts written out by
-hand, and the least-squares fit against a known polynomial (docs/design.md, Cost models)."""
+"""The cost model: the paper-70b profile and the GPU profile against their FLOP and byte counts
+written out by hand, and the least-squares fit against a known polynomial (docs/design.md, Cost models)."""
 import json
 
 import pytest
 
-from minicake.conductor.cost_model import CostModel, calibrate, fit_profile, load_profile, paper_70b
+from minicake.conductor.cost_model import (CPU_PROFILE, CostModel, calibrate, default_profile, fit_profile,
+                                           gpu_profile, load_profile, paper_70b)
+from minicake.model.config import ModelConfig
 
 L, D = 80, 8192
 NODE_FLOPS = 8 * 312e12 * 0.5  # 8 A800 at the assumed 50% MFU
@@ -88,3 +90,37 @@ def test_a_bad_profile_is_named(tmp_path):
     path.write_text(json.dumps({"name": "x", "prefill_coef": [1.0]}))
     with pytest.raises(ValueError, match="broken.json"):
         load_profile(str(path))
+
+
+# SmolLM2-135M's shape: 30 layers, hidden 576, 9 query / 3 KV heads of 64, MLP 1536, 49,152 tokens, tied
+SMOLLM2 = ModelConfig("LlamaForCausalLM", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                      num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                      rms_norm_eps=1e-5, rope_theta=1e5, rope_scaling=None, max_position_embeddings=8192,
+                      tie_word_embeddings=True, attention_bias=False, qk_norm=False, eos_token_ids=frozenset({2}))
+LAYER_PARAMS = 576 * 576 * 2 + 576 * 192 * 2 + 3 * 576 * 1536  # q, o; k, v; gate, up, down: 3,538,944
+HEAD_PARAMS = 49152 * 576  # 28,311,552: 134.5 M parameters with the layers
+H100_FLOPS, H100_HBM = 989e12 * 0.5, 3.35e12 * 0.6  # datasheet peaks at the assumed MFU and HBM share
+
+
+def test_gpu_profile_prefill_is_the_models_flop_count_on_the_gpu():
+    n = 1000  # each token through 30 layers' matmuls, attending to all 1,000; one row of logits
+    flops = 2 * HEAD_PARAMS + 30 * (2 * LAYER_PARAMS * n + 4 * 576 * n * n)
+    profile = gpu_profile("NVIDIA H100 80GB HBM3", 80 * 2**30, SMOLLM2)
+    assert profile.prefill_time(n, 0) == pytest.approx(flops / H100_FLOPS)  # 0.57 ms
+    assert profile.prefill_time(n, 600) == pytest.approx(
+        (2 * HEAD_PARAMS + 30 * (2 * LAYER_PARAMS * 400 + 4 * 576 * 400 * n)) / H100_FLOPS)
+
+
+def test_gpu_profile_decode_step_reads_the_weights_and_the_kv_over_hbm():
+    kv_per_token = 2 * 30 * 3 * 64 * 2  # K and V of 30 layers' 3 heads of 64, bf16: 23,040 B
+    profile = gpu_profile("NVIDIA H100 80GB HBM3", 80 * 2**30, SMOLLM2)
+    weights = 2 * (30 * LAYER_PARAMS + HEAD_PARAMS)  # 269 MB
+    assert profile.decode_step_time(8, 4000) == pytest.approx((weights + 4000 * kv_per_token) / H100_HBM)  # 0.18 ms
+    assert profile.kv_capacity_tokens == int((80 * 2**30 * 0.9 - weights) // kv_per_token)
+    assert profile.transfer_time(16) == pytest.approx(16 * kv_per_token / 25e9)
+
+
+def test_an_unknown_gpu_is_named_and_the_default_off_a_gpu_is_the_cpu_fit():
+    with pytest.raises(ValueError, match="'Some Future GPU' is not in"):
+        gpu_profile("Some Future GPU", 2**30, SMOLLM2)
+    assert default_profile("cpu", SMOLLM2) == load_profile(CPU_PROFILE)

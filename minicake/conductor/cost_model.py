@@ -4,16 +4,21 @@ Predicts the prefill time of a prompt of N tokens of which C are cached, the dec
 time of a batch (batch size, total context tokens), and the time to move KV blocks between
 instances. Every profile has the same polynomial form, so the analytic `paper-70b` profile
 and a profile fitted by least squares to measured timings (a JSON file written by
-`benchmarks/fit_cost_model.py`) are one class. A fitted profile also says how much decode
+`benchmarks/fit_cost_model.py`) are one class. `gpu_profile` is analytic the same way for a given model on
+a given GPU, from the GPU's datasheet. A fitted profile also says how much decode
 steps of one shape vary (`decode_step_cv`), which the paper's TBT, the slowest 10% of a
 request's gaps, feels. `calibrate` rescales a profile to a few timings measured on the machine
 that serves (the live cluster checks its profile so at start-up).
 """
 import json
+import logging
 import math
 import statistics
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+
+from minicake.model.config import ModelConfig
+from minicake.platforms.devices import gpu_spec
 
 # prefill(N, C) = sum coef * N^i * C^j. The paper's FLOP count with n = N - C tokens computed,
 # attending over all N tokens: l * (4 * n * N * d + 22 * n * d^2) = l*(4d*(N^2 - N*C) + 22d^2*(N - C)),
@@ -33,6 +38,11 @@ PREFILL_MFU = 0.5      # assumed model-FLOPs utilisation of prefill
 DECODE_HBM_UTIL = 0.6  # assumed share of HBM bandwidth that decode reads achieve
 LINK_BYTES_S = min(128e9, 800e9 / 8)  # host-to-device 128 GB/s vs 800 Gbps network: 100 GB/s
 KV_MEMORY_SHARE = 0.9  # share of GPU memory usable for weights + KV (the rest: activations)
+# Between two GPUs of one host (gpu_profile): PCIe 4.0 x16's 32 GB/s less protocol overhead, assumed,
+# not measured; NVLink is faster. The start-up calibration rescales compute, not this.
+GPU_LINK_BYTES_S = 25e9
+CPU_PROFILE = str(Path(__file__).parent / "profiles" / "smollm2-135m-cpu.json")  # the bundled model, fitted here
+log = logging.getLogger("minicake")
 
 
 @dataclass(frozen=True)
@@ -88,6 +98,48 @@ def paper_70b() -> CostModel:
         block_size=512,
         kv_capacity_tokens=int(kv_room // KV_BYTES_PER_TOKEN),
     )
+
+
+def gpu_profile(gpu_name: str, gpu_memory_bytes: int, model: ModelConfig) -> CostModel:
+    """The analytic profile of `model` in bf16 on one GPU named `gpu_name` (a name `gpu_spec` knows),
+    as paper_70b's: prefill is FLOP-bound at PREFILL_MFU of the peak (each new token through every
+    matmul and attending over all N tokens, plus one row of logits), a decode step reads the weights
+    and every context token's K/V at DECODE_HBM_UTIL of the bandwidth. Small models are launch-bound
+    instead: the start-up calibration rescales the profile to what the GPU really does."""
+    spec = gpu_spec(gpu_name)
+    if spec is None:
+        raise ValueError(f"GPU {gpu_name!r} is not in minicake/platforms/devices.py's GPU_SPECS")
+    m, layers = model, model.num_hidden_layers
+    q_width, kv_width = m.num_attention_heads * m.head_dim, m.num_key_value_heads * m.head_dim
+    layer_params = m.hidden_size * (2 * q_width + 2 * kv_width + 3 * m.intermediate_size)  # q, o, k, v, MLP
+    head_params = m.vocab_size * m.hidden_size  # the LM head; the embedding too, unless tied
+    flops_s = spec.bf16_flops * PREFILL_MFU
+    linear = layers * 2 * layer_params / flops_s  # seconds per new token
+    attention = layers * 4 * q_width / flops_s  # seconds per (new token, attended token)
+    hbm = spec.hbm_bytes_s * DECODE_HBM_UTIL
+    kv_bytes_per_token = 2 * layers * kv_width * 2  # K and V, bf16
+    weight_bytes = 2 * (layers * layer_params + head_params * (1 if m.tie_word_embeddings else 2))
+    return CostModel(
+        name=f"{m.architecture}-{layers}l-{m.hidden_size}h on {gpu_name}",
+        prefill_coef=(2 * head_params / flops_s, linear, -linear, attention, -attention),
+        decode_coef=(2 * (layers * layer_params + head_params) / hbm, 0.0, kv_bytes_per_token / hbm),
+        transfer_s_per_block=16 * kv_bytes_per_token / GPU_LINK_BYTES_S,
+        block_size=16,
+        kv_capacity_tokens=max(1, int((gpu_memory_bytes * KV_MEMORY_SHARE - weight_bytes) // kv_bytes_per_token)),
+    )
+
+
+def default_profile(device: str, model: ModelConfig) -> CostModel:
+    """The profile a live cluster starts from before its start-up calibration: on a GPU that
+    `gpu_spec` knows, `gpu_profile` of `model` there; else the bundled model's CPU fit."""
+    if device.startswith("cuda"):
+        import torch
+        name = torch.cuda.get_device_name(device)
+        if gpu_spec(name):
+            return gpu_profile(name, torch.cuda.get_device_properties(device).total_memory, model)
+        log.warning("GPU %r has no datasheet entry (minicake/platforms/devices.py): the Conductor starts "
+                    "from the CPU profile, rescaled by the start-up timings", name)
+    return load_profile(CPU_PROFILE)
 
 
 def load_profile(name_or_path: str) -> CostModel:
