@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from minicake.disagg.transfer import KVReceiver, KVSender
+from minicake.disagg.transfer import Channels, KVReceiver, KVSender, open_channels
 from minicake.disagg.launcher import launch, stop
 
 NUM_LAYERS, NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM = 3, 12, 4, 2, 8
@@ -33,10 +33,10 @@ def poll_until_settled(receiver: KVReceiver, limit: float = 20.0):
     return done, failed
 
 
-def run_ranks(target, world_size: int, limit: float = 60.0) -> dict:
+def run_ranks(target, world_size: int, limit: float = 60.0, backend: str = "gloo") -> dict:
     """Run `target(rank, results)` on every rank; returns what the ranks put, by key."""
     results = mp.get_context("spawn").Queue()
-    procs = launch(target, [(results,)] * world_size, backend="gloo", num_threads=1)
+    procs = launch(target, [(results,)] * world_size, backend=backend, num_threads=1)
     out, deadline = {}, time.monotonic() + limit
     try:
         while any(p.is_alive() for p in procs) or not results.empty():
@@ -54,8 +54,9 @@ def run_ranks(target, world_size: int, limit: float = 60.0) -> dict:
 def fan_in(rank, results):
     """Ranks 0 and 1 are two prefill stages (layer 0; layers 1-2), rank 2 the decode side."""
     k, v = caches(rank)
+    channels = open_channels()
     if rank < 2:
-        sender = KVSender(timeout=10)
+        sender = KVSender(channels, timeout=10)
         layers = [0] if rank == 0 else [1, 2]
         for layer in layers:  # transfer 8 is one nobody expects any more: drained, then 9 lands
             sender.send_layer(8, 2, layer, 0, [0, 1], k[layer], v[layer])
@@ -66,7 +67,7 @@ def fan_in(rank, results):
         dist.barrier()  # stay until the decode side is done: a closed stream would fail transfer 7 early
         return
     before = [x.clone() for x in k]
-    receiver = KVReceiver([0, 1], k, v, timeout=10)
+    receiver = KVReceiver(channels, [0, 1], k, v, timeout=10)
     receiver.expect(9, block_ids=[0, 1, 4, 3], first_block=1, sources=[0, 1])
     receiver.expect(7, block_ids=[6], first_block=0, sources=[0])  # the sender never sends it
     receiver.timeout = 2.0
@@ -91,11 +92,12 @@ def test_each_stage_sends_its_layers_into_the_blocks_the_decode_side_reserved():
 
 def sender_dies(rank, results):
     k, v = caches(rank)
+    channels = open_channels()
     if rank == 0:
-        KVSender(timeout=10).send_layer(3, 1, 0, 0, [1, 2], k[0], v[0])
+        KVSender(channels, timeout=10).send_layer(3, 1, 0, 0, [1, 2], k[0], v[0])
         time.sleep(1.0)
         os._exit(1)  # dies mid-transfer: layers 1 and 2 never leave
-    receiver = KVReceiver([0], k, v, timeout=30)
+    receiver = KVReceiver(channels, [0], k, v, timeout=30)
     receiver.expect(3, block_ids=[4, 5], first_block=0, sources=[0])
     start = time.monotonic()
     done, failed = poll_until_settled(receiver)
@@ -111,10 +113,11 @@ def test_a_prefill_rank_dying_mid_transfer_fails_that_transfer_with_a_reason():
 
 def receiver_dies(rank, results):
     k, v = caches(rank)
+    channels = open_channels()
     if rank == 1:
         time.sleep(1.0)
         os._exit(1)
-    sender = KVSender(timeout=30)
+    sender = KVSender(channels, timeout=30)
     for layer in range(NUM_LAYERS):
         sender.send_layer(4, 1, layer, 0, [1], k[layer], v[layer])
     failed, start = [], time.monotonic()
@@ -133,4 +136,4 @@ def test_sends_to_a_dead_decode_rank_fail_instead_of_hanging():
 def test_sending_no_blocks_is_refused():
     k, v = caches(0)
     with pytest.raises(AssertionError, match="at least one block"):
-        KVSender(timeout=1).send_layer(1, 1, 0, 0, [], k[0], v[0])
+        KVSender(Channels(0, {}), timeout=1).send_layer(1, 1, 0, 0, [], k[0], v[0])

@@ -11,7 +11,7 @@ aborts only its own request, with the reason.
 import time
 from collections import deque
 
-from minicake.disagg.transfer import KVReceiver
+from minicake.disagg.transfer import KVReceiver, open_channels
 from minicake.sched.sequence import Sequence
 from minicake.engine import StepOutput
 from minicake.disagg.instance import Instance
@@ -23,7 +23,9 @@ class DecodeInstance(Instance):
         super().__init__(spec, engine, mailbox)
         k_caches = [k for k, _ in engine.kv_caches]
         v_caches = [v for _, v in engine.kv_caches]
-        self.receiver = KVReceiver(list(spec.prefill_ranks), k_caches, v_caches, engine.config.kv_transfer_timeout)
+        channels = open_channels()  # every rank of the job, once: prefill instances too
+        self.receiver = KVReceiver(channels, list(spec.prefill_ranks), k_caches, v_caches,
+                                   engine.config.kv_transfer_timeout)
         self.to_reserve: deque[NewRequest] = deque()  # waiting for free blocks, in arrival order
         self.receiving: dict[int, tuple[NewRequest, Sequence]] = {}  # transfer id -> request
         self.prefilled: dict[int, Prefilled] = {}  # first tokens of transfers still receiving

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from minicake.cache.block_keys import block_keys
-from minicake.disagg.transfer import KVReceiver, KVSender
+from minicake.disagg.transfer import Channels, KVReceiver, KVSender
 from minicake.sampling import SamplingParams
 from minicake.sched.sequence import Sequence
 
@@ -77,9 +77,9 @@ def holder_send(fetch: FetchBlocks, block_manager, pool, kv_caches, sender: KVSe
 class BlockFetcher:
     """A's side: stage a request, expect its blocks, and hand it back once they are in (or not)."""
 
-    def __init__(self, block_manager, kv_caches, peers: list[int], timeout: float, rank: int, mailbox):
-        self.bm, self.rank, self.mailbox = block_manager, rank, mailbox
-        self.receiver = KVReceiver(peers, [k for k, _ in kv_caches], [v for _, v in kv_caches], timeout)
+    def __init__(self, channels: Channels, block_manager, kv_caches, peers: list[int], timeout: float, mailbox):
+        self.bm, self.rank, self.mailbox = block_manager, channels.rank, mailbox
+        self.receiver = KVReceiver(channels, peers, [k for k, _ in kv_caches], [v for _, v in kv_caches], timeout)
         self.fetches: dict[int, _Fetch] = {}
         self.num_fetched_blocks = 0
 

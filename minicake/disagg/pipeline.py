@@ -16,7 +16,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from minicake.disagg.transfer import KVSender
+from minicake.disagg.transfer import Channels, KVSender, side_stream
 from minicake.model.attention import AttentionMetadata
 
 HIDDEN_TAG = 3  # hidden states between neighbour stages
@@ -79,9 +79,10 @@ class StageRunner:
     """This process's part of a prefill group: its layers, the K/V sends after each of them, and
     the hidden states to and from the neighbour stages."""
 
-    def __init__(self, model, kv_caches, layers: range, sender: KVSender, timeout: float):
+    def __init__(self, model, kv_caches, layers: range, channels: Channels, sender: KVSender, timeout: float):
         self.model, self.kv_caches, self.layers = model, kv_caches, layers
-        self.sender, self.timeout = sender, timeout
+        self.channels, self.sender, self.timeout = channels, sender, timeout
+        self.wait_stream = side_stream(kv_caches[0][0].device)  # waits for sent hidden states happen here
         self.hidden_sends: list = []  # (works, tensors) of the hidden states sent downstream
         self.send_s = 0.0  # time this process spent starting K/V sends (gathering the blocks)
 
@@ -121,21 +122,24 @@ class StageRunner:
         try:
             self._wait_hidden_sends()
             payload = torch.stack((hidden, residual)).contiguous()  # [2, num_tokens, hidden_size]
-            self.hidden_sends.append(([dist.isend(payload, dst, tag=HIDDEN_TAG)], payload))
+            work = dist.isend(payload, dst, group=self.channels.to(dst), tag=HIDDEN_TAG)
+            self.hidden_sends.append(([work], payload))
         except RuntimeError as e:  # a dead or silent next stage
             self.hidden_sends = []
             raise NeighbourFailed(f"hidden-state send to rank {dst} failed (timeout {self.timeout:g}s): {e}") from e
 
     def _wait_hidden_sends(self) -> None:
-        for works, _ in self.hidden_sends:
-            for w in works:
-                w.wait(timeout=timedelta(seconds=self.timeout))
+        with torch.cuda.stream(self.wait_stream):  # the compute stream does not wait for a send
+            for works, _ in self.hidden_sends:
+                for w in works:
+                    w.wait(timeout=timedelta(seconds=self.timeout))
         self.hidden_sends = []
 
     def recv_hidden(self, num_tokens: int, hidden_size: int, dtype, device, src: int):
         payload = torch.empty((2, num_tokens, hidden_size), dtype=dtype, device=device)
-        try:
-            dist.irecv(payload, src, tag=HIDDEN_TAG).wait(timeout=timedelta(seconds=self.timeout))
+        try:  # on the compute stream, which needs the hidden states next
+            dist.irecv(payload, src, group=self.channels.from_(src), tag=HIDDEN_TAG).wait(
+                timeout=timedelta(seconds=self.timeout))
         except RuntimeError as e:  # a dead or silent previous stage
             raise NeighbourFailed(f"hidden-state receive from rank {src} failed "
                                   f"(timeout {self.timeout:g}s): {e}") from e

@@ -19,7 +19,7 @@ from collections import deque
 import torch
 
 from minicake.disagg.migration import BlockFetcher, FetchBlocks, FetchReply, holder_send
-from minicake.disagg.transfer import KVSender
+from minicake.disagg.transfer import KVSender, open_channels
 from minicake.engine import StepOutput
 from minicake.sampling import sample, to_device
 from minicake.conductor.live import HeldKeys
@@ -35,11 +35,13 @@ class PrefillInstance(Instance):
     def __init__(self, spec, engine, mailbox):
         super().__init__(spec, engine, mailbox)
         cfg, layers = engine.config, len(engine.model.layers)
+        channels = open_channels()  # every rank of the job, once: decode instances too
         self.stage, self.group = spec.stage, spec.group_ranks
         self.is_last = self.stage == len(self.group) - 1
-        self.sender = KVSender(cfg.kv_transfer_timeout)
+        self.sender = KVSender(channels, cfg.kv_transfer_timeout)
         self.layers = stage_layers(layers, len(self.group), self.stage)
-        self.runner = StageRunner(engine.model, engine.kv_caches, self.layers, self.sender, cfg.kv_transfer_timeout)
+        self.runner = StageRunner(engine.model, engine.kv_caches, self.layers, channels, self.sender,
+                                  cfg.kv_transfer_timeout)
         self.seeds = random.Random(cfg.seed)  # stages > 0: a seed for each unseeded request sampled here
         self.requests: dict[str, tuple[Sequence, StartPrefill]] = {}  # stage 0: request id -> its sequence
         self.sent_blocks: dict[str, int] = {}  # stage 0: request id -> blocks sent (or held by decode)
@@ -51,8 +53,8 @@ class PrefillInstance(Instance):
         if self.stage == 0:
             engine.serve_as_prefill(self)
         if len(self.group) == 1:  # the pool and migration follow stage 0's blocks: single-stage groups only
-            self.fetcher = BlockFetcher(engine.block_manager, engine.kv_caches, list(spec.prefill_ranks),
-                                        cfg.kv_transfer_timeout, self.rank, mailbox)
+            self.fetcher = BlockFetcher(channels, engine.block_manager, engine.kv_caches, list(spec.prefill_ranks),
+                                        cfg.kv_transfer_timeout, mailbox)
 
     def handle(self, msg) -> None:
         if isinstance(msg, StartPrefill):

@@ -7,7 +7,27 @@ and prefill goes on with layer j+1. The decode instance's `KVReceiver` reads eac
 stream header first, sizes the payload buffer from it (in gloo a receive buffer smaller than the
 message aborts the process) and copies the blocks into the blocks it reserved. Only tensors cross
 here, through torch.distributed, so gloo on CPU and NCCL on GPUs take the same code path.
+
+Channels: every direction of every rank pair has a process group of its own (`open_channels`),
+so a receive posted from B never queues A's send to B behind it (NCCL runs one communicator's
+operations in order), and each communicator has one user thread: receives from src run in the
+thread that reads src's stream, sends leave from the instance's main thread. Each channel
+carries one ordered stream (K/V, migrated blocks or hidden states), since NCCL has no tags.
+
+Streams (CUDA): a receive thread posts and waits on a CUDA stream of its own, learns a header by
+synchronising that stream only, and hands over each payload with an event that the compute
+stream waits for in `_store`; a send is posted on the compute stream after its payload copy and
+its completion is awaited on the waiter thread's stream. A posted receive never holds up a
+kernel. On CPU (gloo) the streams and events are absent and the code path is the same.
+
+Faults (NCCL): every wait has a timeout, so ProcessGroupNCCL polls the work from the waiting
+thread and raises there (after aborting that one communicator) when the peer fails or the time
+is up; the watchdog only aborts a failed communicator (`NCCL_ENV`). What holds: a dead peer or a
+timed-out wait fails that peer's transfers and never ends this process. Untested without GPUs
+(the CUDA tests are skipped on CPU): that NCCL notices a peer that died while idle before the
+transfer timeout, and that two communicators' kernels on one GPU never wait for each other.
 """
+import os
 import queue
 import threading
 import time
@@ -17,19 +37,78 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-HEADER_TAG, PAYLOAD_TAG = 1, 2  # separate tags: a header never matches a payload receive
+HEADER_TAG, PAYLOAD_TAG = 1, 2  # separate tags: a header never matches a payload receive (gloo)
 HEADER_LEN = 4  # int64: transfer id, layer, first block (index in the request's block table), number of blocks
+# A channel's next header may be as far away as the server's idle time: this bounds only that.
+CHANNEL_TIMEOUT = timedelta(days=365)
+# ProcessGroupNCCL's default (3) ends the process when its watchdog sees an operation fail or
+# outlive the group's timeout: a dead peer would take the survivors down. 2 aborts only the
+# failed communicator; the thread waiting on the operation raises. Read when a group is created.
+NCCL_ENV = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "2"}
 
 # A gloo work completes only inside wait(), and a wait that times out ends the work: so waits
 # run in one helper thread per peer, in the order the messages were posted, and the main
 # thread only reads their results from a queue.
 
 
+@dataclass
+class Channels:
+    """This rank's process groups: (src, dst) -> the group that carries src -> dst."""
+    rank: int
+    groups: dict
+
+    def to(self, dst: int):
+        assert (self.rank, dst) in self.groups, f"no channel from rank {self.rank} to rank {dst}"
+        return self.groups[(self.rank, dst)]
+
+    def from_(self, src: int):
+        assert (src, self.rank) in self.groups, f"no channel from rank {src} to rank {self.rank}"
+        return self.groups[(src, self.rank)]
+
+
+def open_channels() -> Channels:
+    """Create one process group per direction of every pair of ranks, in one order everywhere:
+    collective, so every rank of the job calls it once, before its first send or receive."""
+    os.environ.update(NCCL_ENV)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    groups = {}
+    for src in range(world):
+        for dst in range(world):
+            if src != dst:
+                group = dist.new_group([src, dst], timeout=CHANNEL_TIMEOUT)
+                if rank in (src, dst):
+                    groups[(src, dst)] = group
+    return Channels(rank, groups)
+
+
+def side_stream(device: torch.device):
+    """A CUDA stream for one thread's receives and waits; None (no stream) on CPU."""
+    return torch.cuda.Stream(device) if device.type == "cuda" else None
+
+
+def mark(stream):
+    """An event after the work queued so far on `stream`; None on CPU."""
+    if stream is None:
+        return None
+    event = torch.cuda.Event()
+    event.record(stream)
+    return event
+
+
+def wait_for(event, tensor: torch.Tensor) -> None:
+    """The current stream reads `tensor` only after `event`, and the allocator keeps its memory
+    until that stream is done with it. Nothing to do on CPU (event None)."""
+    if event is not None:
+        stream = torch.cuda.current_stream(tensor.device)
+        stream.wait_event(event)
+        tensor.record_stream(stream)
+
+
 class KVSender:
     """Prefill side: starts sends and learns later how they ended; never waits on a send."""
 
-    def __init__(self, timeout: float):
-        self.timeout = timeout
+    def __init__(self, channels: Channels, timeout: float):
+        self.channels, self.timeout = channels, timeout
         self.results: queue.SimpleQueue = queue.SimpleQueue()  # (transfer_id, error or None), one per send
         self.waiters: dict[int, queue.SimpleQueue] = {}  # dst rank -> sends its thread waits for
         self.num_pending = 0
@@ -44,13 +123,15 @@ class KVSender:
         payload = torch.stack((k_cache[idx], v_cache[idx]))  # [2, n, block_size, num_kv_heads, head_dim]
         header = torch.tensor([transfer_id, layer, first_block, len(block_ids)],
                               dtype=torch.int64, device=k_cache.device)
-        try:
-            works = [dist.isend(header, dst, tag=HEADER_TAG), dist.isend(payload, dst, tag=PAYLOAD_TAG)]
+        group = self.channels.to(dst)
+        try:  # posted on the compute stream: NCCL sends once the payload copy is done
+            works = [dist.isend(header, dst, group=group, tag=HEADER_TAG),
+                     dist.isend(payload, dst, group=group, tag=PAYLOAD_TAG)]
         except RuntimeError as e:  # the peer is gone already
             works = e
         if dst not in self.waiters:
             self.waiters[dst] = queue.SimpleQueue()
-            threading.Thread(target=self._wait_sends, args=(dst, self.waiters[dst]),
+            threading.Thread(target=self._wait_sends, args=(dst, self.waiters[dst], side_stream(k_cache.device)),
                              name=f"kv-send-{dst}", daemon=True).start()
         self.num_pending += 1
         self.waiters[dst].put((transfer_id, works, payload))  # the payload lives until its send ends
@@ -65,19 +146,20 @@ class KVSender:
                 failed.append((transfer_id, error))
         return failed
 
-    def _wait_sends(self, dst: int, sends: queue.SimpleQueue) -> None:
+    def _wait_sends(self, dst: int, sends: queue.SimpleQueue, stream) -> None:
         error = None  # after one failure the stream to dst is out of step: fail every later send
-        while True:
-            transfer_id, works, _payload = sends.get()
-            try:
-                if isinstance(works, Exception):
-                    raise works
-                for w in works:
-                    if error is None:
-                        w.wait(timeout=timedelta(seconds=self.timeout))
-            except Exception as e:  # noqa: BLE001 - a dead peer or a timeout, reported as text
-                error = f"KV send to rank {dst} failed: {e}"
-            self.results.put((transfer_id, error))
+        with torch.cuda.stream(stream):  # a wait makes this thread's stream wait, never the compute stream
+            while True:
+                transfer_id, works, _payload = sends.get()
+                try:
+                    if isinstance(works, Exception):
+                        raise works
+                    for w in works:
+                        if error is None:
+                            w.wait(timeout=timedelta(seconds=self.timeout))
+                except Exception as e:  # noqa: BLE001 - a dead peer or a timeout, reported as text
+                    error = f"KV send to rank {dst} failed: {e}"
+                self.results.put((transfer_id, error))
 
 
 @dataclass
@@ -96,11 +178,12 @@ class KVReceiver:
     each stream stays in step with its sender whatever happens to single requests.
     """
 
-    def __init__(self, sources: list[int], k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
-                 timeout: float):
-        self.k_caches, self.v_caches, self.timeout = k_caches, v_caches, timeout
+    def __init__(self, channels: Channels, sources: list[int], k_caches: list[torch.Tensor],
+                 v_caches: list[torch.Tensor], timeout: float):
+        self.channels, self.k_caches, self.v_caches, self.timeout = channels, k_caches, v_caches, timeout
         self.expected: dict[int, _Expected] = {}
-        self.arrived: queue.SimpleQueue = queue.SimpleQueue()  # (src, header list, payload | error text)
+        # (src, header list, payload, CUDA event after its arrival or None) | (src, None, error text, None)
+        self.arrived: queue.SimpleQueue = queue.SimpleQueue()
         self.last_progress = {src: time.monotonic() for src in sources}
         self.errors: dict[int, str] = {}
         self.num_received_blocks = 0  # (layer, block) pairs stored into reserved blocks, ever
@@ -127,12 +210,12 @@ class KVReceiver:
         (transfer id, reason) for those whose source failed or sent nothing of theirs for
         `timeout` seconds; neither is expected any more."""
         while not self.arrived.empty():
-            src, header, payload = self.arrived.get()
+            src, header, payload, arrived = self.arrived.get()
             self.last_progress[src] = time.monotonic()
             if isinstance(payload, str):
                 self.errors[src] = payload
             else:
-                self._store(*header, payload)
+                self._store(*header, payload, arrived)
         done, failed, now = [], [], time.monotonic()
         for transfer_id, exp in list(self.expected.items()):
             errors = [self.errors[s] for s in exp.sources if s in self.errors]
@@ -150,25 +233,31 @@ class KVReceiver:
 
     def _receive_stream(self, src: int) -> None:
         like = self.k_caches[0]  # [num_blocks, block_size, num_kv_heads, head_dim]
+        group, stream = self.channels.from_(src), side_stream(like.device)
         try:
-            while True:
-                header = torch.empty(HEADER_LEN, dtype=torch.int64, device=like.device)
-                dist.irecv(header, src, tag=HEADER_TAG).wait()
-                header = header.tolist()
-                payload = torch.empty((2, header[3], *like.shape[1:]), dtype=like.dtype, device=like.device)
-                dist.irecv(payload, src, tag=PAYLOAD_TAG).wait()
-                self.arrived.put((src, header, payload))
+            with torch.cuda.stream(stream):  # waits make this thread's stream wait, never the compute stream
+                while True:
+                    header = torch.empty(HEADER_LEN, dtype=torch.int64, device=like.device)
+                    dist.irecv(header, src, group=group, tag=HEADER_TAG).wait(timeout=CHANNEL_TIMEOUT)
+                    header = header.tolist()  # synchronises this thread's stream only
+                    payload = torch.empty((2, header[3], *like.shape[1:]), dtype=like.dtype, device=like.device)
+                    work = dist.irecv(payload, src, group=group, tag=PAYLOAD_TAG)
+                    work.wait(timeout=timedelta(seconds=self.timeout))
+                    self.arrived.put((src, header, payload, mark(stream)))
         except Exception as e:  # noqa: BLE001 - a dead peer ends the stream; the reason is reported
-            self.arrived.put((src, None, f"KV stream from rank {src} failed: {e}"))
+            self.arrived.put((src, None, f"KV stream from rank {src} failed: {e}", None))
 
-    def _store(self, transfer_id: int, layer: int, first_block: int, num_blocks: int, payload: torch.Tensor) -> None:
-        """payload: [2, num_blocks, block_size, num_kv_heads, head_dim], K then V."""
+    def _store(self, transfer_id: int, layer: int, first_block: int, num_blocks: int, payload: torch.Tensor,
+               arrived) -> None:
+        """payload: [2, num_blocks, block_size, num_kv_heads, head_dim], K then V; `arrived`: the
+        CUDA event after its receive (None on CPU)."""
         exp = self.expected.get(transfer_id)
         if exp is None:
             return  # aborted or timed out: drop
         assert 0 <= layer < len(self.k_caches), f"transfer {transfer_id}: layer {layer} out of range"
         assert exp.first_block <= first_block and first_block + num_blocks <= len(exp.block_ids), \
             f"transfer {transfer_id}: blocks {first_block}..{first_block + num_blocks} outside the reserved ones"
+        wait_for(arrived, payload)
         idx = torch.tensor(exp.block_ids[first_block:first_block + num_blocks], device=payload.device)
         self.k_caches[layer][idx] = payload[0]
         self.v_caches[layer][idx] = payload[1]
