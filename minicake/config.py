@@ -33,7 +33,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     kv_pool_blocks: int = 0  # host-memory KV pool (cache/kv_pool.py) for evicted prefix blocks; 0: none
     kernels: str = "auto"  # the platform (minicake/platforms): "auto", "torch" (the model's own ops), "triton"
-    enforce_eager: bool = False  # True: no decode graphs (platforms/cpu/decode_graph.py), every step runs eagerly
+    enforce_eager: bool = False  # True: no decode graphs (CUDA graphs on a GPU, the CPU's C-call graphs), every step eager
     num_threads: int | None = None  # torch CPU threads; None: all cores
     seed: int = 0
     # disaggregation (minicake/disagg): a KV transfer silent this long is aborted; layer-wise

@@ -25,6 +25,7 @@ from minicake.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from minicake.platforms import apply_platform
 from minicake.platforms.cpu import kernels as cpu_kernels
 from minicake.platforms.cpu.decode_graph import DecodeGraphs
+from minicake.platforms.cuda_graph import CudaGraphs, warm_up
 from minicake.sampling import SamplingParams
 from minicake.request_state import RequestState
 from minicake.sched.scheduler import Scheduler
@@ -95,6 +96,11 @@ class Engine:
                                   decode_graphs=self._decode_graphs())
         if config.kv_pool_blocks and config.enable_prefix_caching:
             self.block_manager.pool = self.runner.pool = KVPool(config.kv_pool_blocks, self.kv_caches)
+        if self.platform == "triton" and self.device.type == "cuda":  # before ready: no request waits for a compile
+            warm_up(self.model, self.kv_caches, config.max_num_seqs, config.max_num_batched_tokens,
+                    self._max_blocks_per_seq())
+            if self.runner.decode_graphs is not None:
+                self.runner.decode_graphs.capture()
         self.requests: dict[str, RequestState] = {}
         self.aborted: list[StepOutput] = []  # reported by the next step()
         LIVE_ENGINES.add(self)
@@ -111,10 +117,18 @@ class Engine:
                                   mc.num_key_value_heads, mc.head_dim, dtype, self.device)
 
     def _decode_graphs(self):
-        """The CPU platform's decode graphs, where its C kernels take the KV cache (float32)."""
-        if self.platform != "cpu" or self.config.enforce_eager or not cpu_kernels.usable(self.kv_caches[0][0]):
+        """Recorded decode steps: CUDA graphs for the Triton platform on a GPU (captured once
+        warmed up), the CPU platform's decode graphs where its C kernels take the KV cache."""
+        if self.config.enforce_eager:
             return None
-        return DecodeGraphs(self.model, self.kv_caches)
+        if self.platform == "triton" and self.device.type == "cuda":
+            return CudaGraphs(self.model, self.kv_caches, self.config.max_num_seqs, self._max_blocks_per_seq())
+        if self.platform == "cpu" and cpu_kernels.usable(self.kv_caches[0][0]):
+            return DecodeGraphs(self.model, self.kv_caches)
+        return None
+
+    def _max_blocks_per_seq(self) -> int:
+        return min(self.kv_caches[0][0].shape[0], -(-self.max_model_len // self.config.block_size))
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Sequence:
         """Queue a request and return its sequence; raises ValueError, having changed nothing, if
