@@ -52,10 +52,10 @@ def num_parameters(model) -> int:
     return n
 
 
-def load_hf(model_dir):
-    """transformers' model for the same checkpoint, fp32, eval mode, never stopping at EOS."""
+def load_hf(model_dir, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """transformers' model for the same checkpoint, eval mode, never stopping at EOS."""
     from transformers import AutoModelForCausalLM
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     hf.generation_config.eos_token_id = None  # like ignore_eos: every request gets its length
     hf.generation_config.pad_token_id = 0
     return hf
@@ -65,8 +65,8 @@ def load_hf(model_dir):
 def hf_generate(hf, prompts: list[list[int]], max_new_tokens: int) -> torch.Tensor:
     """One batched, left-padded `generate` call, greedy: how a user batches with transformers."""
     width = max(map(len, prompts))
-    input_ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    input_ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=hf.device)
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=hf.device)
     out = hf.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                       do_sample=False)
-    return out[:, width:]
+    return out[:, width:].cpu()  # on the host, as minicake's tokens are (and the GPU's work is done)
