@@ -12,6 +12,10 @@ shape again next to 0, 1, ... neighbour processes that prefill all the time (the
 a cluster on these cores), against the simulator's model of shared cores (SimConfig.cpu_cores:
 n computing processes on c cores each run max(1, n / c) times slower). Prints a table, ends with
 one JSON line.
+
+With --device cuda it fits the GPU's profile instead: prefill and decode steps of one engine on
+the GPU (synchronized around every timing), one KV block over NCCL from cuda:0 to cuda:1 where
+there are two GPUs (else the analytic profile's assumed link, reported as such), no neighbours.
 """
 import argparse
 import itertools
@@ -33,7 +37,7 @@ from minicake.cache.kv_cache import bytes_per_block, free_memory, num_blocks_for
 from minicake.config import EngineConfig
 from minicake.engine import Engine
 from minicake.sampling import SamplingParams
-from minicake.conductor.cost_model import fit_profile
+from minicake.conductor.cost_model import GPU_LINK_BYTES_S, fit_profile
 from minicake.disagg.cluster import Cluster
 
 PREFILL_SHAPES = ([(n, c) for n in (32, 64, 128, 256, 512) for c in (0, n // 2)] + [(512, 480)]
@@ -55,14 +59,21 @@ def run_to_end(engine: Engine, request_id: str, token_ids: list[int], max_tokens
     return cached
 
 
+def clock(device: torch.device) -> float:
+    """time.perf_counter() once the device has finished the work queued so far."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def time_prefill(engine: Engine, n: int, c: int, rng: random.Random, vocab: int) -> tuple[int, int, float]:
     """(N, cached tokens, seconds from admission to first token) for a fresh random prompt."""
     tokens = [rng.randrange(vocab) for _ in range(n)]
     if c:
         run_to_end(engine, f"prefix-{n}-{c}-{rng.random()}", tokens[:c], 1)  # leaves its full blocks cached
-    start = time.perf_counter()
+    start = clock(engine.device)
     cached = run_to_end(engine, f"prefill-{n}-{c}-{rng.random()}", tokens, 1)
-    return n, cached, time.perf_counter() - start
+    return n, cached, clock(engine.device) - start
 
 
 def median_prefill(engine: Engine, n: int, c: int, rng: random.Random, vocab: int) -> tuple[int, int, float]:
@@ -84,9 +95,9 @@ def time_decode(engine: Engine, batch: int, ctx: int, steps: int, rng: random.Ra
     samples = []
     for _ in range(steps):
         context = sum(ctx + g for g in generated.values())
-        start = time.perf_counter()
+        start = clock(engine.device)
         outs = engine.step()
-        elapsed = time.perf_counter() - start
+        elapsed = clock(engine.device) - start
         assert len(outs) == batch, f"expected a pure decode step of {batch}, got {len(outs)} outputs"
         samples.append((batch, context, elapsed))
         for out in outs:
@@ -123,12 +134,28 @@ def time_decode_instance(model: str, block_size: int, num_prefill: int, max_batc
     return samples, math.sqrt(statistics.mean(d * d for d in deviations))
 
 
-def _send_blocks(rank: int, port: int, shape: tuple, repeats: int, result) -> None:
+def time_decode_engine(engine: Engine, max_batch: int, steps: int, rng: random.Random,
+                       vocab: int) -> tuple[list[tuple[int, int, float]], float]:
+    """As time_decode_instance, from this process's engine (on a GPU: a decode instance's step)."""
+    samples, deviations = [], []
+    for b in [b for b in DECODE_BATCHES if b <= max_batch]:
+        for ctx in DECODE_CONTEXTS:
+            shape = time_decode(engine, b, ctx, steps, rng, vocab)
+            mean = statistics.mean(t for *_, t in shape)
+            samples += shape
+            deviations += [t / mean - 1 for *_, t in shape]
+    return samples, math.sqrt(statistics.mean(d * d for d in deviations))
+
+
+def _send_blocks(rank: int, port: int, shape: tuple, repeats: int, result, device: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
-    payload = torch.zeros(shape)  # [2, num_layers, block_size, num_kv_heads, head_dim]: one block, K and V
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    torch.distributed.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=2)
+    # [2, num_layers, block_size, num_kv_heads, head_dim]: one block, K and V
+    payload = torch.zeros(shape, device=f"cuda:{rank}" if device == "cuda" else "cpu")
     torch.distributed.barrier()
-    start = time.perf_counter()
+    start = clock(payload.device)
     for _ in range(repeats):
         if rank == 0:
             torch.distributed.send(payload, 1)
@@ -136,18 +163,19 @@ def _send_blocks(rank: int, port: int, shape: tuple, repeats: int, result) -> No
             torch.distributed.recv(payload, 0)
     torch.distributed.barrier()
     if rank == 1:
-        result.put((time.perf_counter() - start) / repeats)
+        result.put((clock(payload.device) - start) / repeats)
     torch.distributed.destroy_process_group()
 
 
-def time_block_transfer(shape: tuple, repeats: int = 50) -> float:
-    """Seconds to send one KV block from one process to another over gloo on this machine."""
+def time_block_transfer(shape: tuple, device: str = "cpu", repeats: int = 50) -> float:
+    """Seconds to send one KV block from one process to another on this machine: over gloo, or
+    over NCCL from cuda:0 to cuda:1 (device "cuda")."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     result = ctx.Queue()
-    procs = [ctx.Process(target=_send_blocks, args=(r, port, shape, repeats, result)) for r in (0, 1)]
+    procs = [ctx.Process(target=_send_blocks, args=(r, port, shape, repeats, result, device)) for r in (0, 1)]
     for p in procs:
         p.start()
     seconds = result.get(timeout=120)
@@ -192,7 +220,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: least hurt by a busy machine)")
-    p.add_argument("--out", default="minicake/conductor/profiles/smollm2-135m-cpu.json")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda: fit the profile of this machine's GPU")
+    p.add_argument("--out", help="the profile's path (default: minicake/conductor/profiles/<model>-<device>.json)")
     p.add_argument("--block-size", type=int, default=EngineConfig.block_size,
                    help="tokens per KV block, as in the deployment the profile is for")
     p.add_argument("--prefill", type=int, default=2, help="prefill instances beside the decode instance timed")
@@ -203,28 +232,38 @@ def main() -> int:
                    "(benchmarks/kvcentric.py runs 3 instances on these cores: 2)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    engine = Engine(EngineConfig(model=args.model, block_size=args.block_size, num_kv_blocks=16384 // args.block_size,
-                                 num_threads=args.threads,
+    engine = Engine(EngineConfig(model=args.model, device=args.device, block_size=args.block_size,
+                                 num_kv_blocks=16384 // args.block_size, num_threads=args.threads,
                                  max_num_batched_tokens=1024))
+    cuda = engine.device.type == "cuda"
     mc, block_size = engine.model_config, engine.config.block_size
     rng, vocab = random.Random(0), mc.vocab_size
     time_prefill(engine, 64, 0, rng, vocab)  # warm-up
     prefill = [median_prefill(engine, n, c, rng, vocab) for n, c in PREFILL_SHAPES]
-    decode, decode_cv = time_decode_instance(args.model, args.block_size, args.prefill, args.max_batch, DECODE_STEPS,
-                                             rng, vocab)
-    transfer = time_block_transfer((2, mc.num_hidden_layers, block_size, mc.num_key_value_heads, mc.head_dim))
+    if cuda:
+        decode, decode_cv = time_decode_engine(engine, args.max_batch, DECODE_STEPS, rng, vocab)
+    else:
+        decode, decode_cv = time_decode_instance(args.model, args.block_size, args.prefill, args.max_batch,
+                                                 DECODE_STEPS, rng, vocab)
     dtype = next(engine.model.parameters()).dtype
     block_bytes = bytes_per_block(mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, block_size, dtype)
+    block_shape = (2, mc.num_hidden_layers, block_size, mc.num_key_value_heads, mc.head_dim)
+    if cuda and torch.cuda.device_count() < 2:
+        transfer, transfer_how = block_bytes / GPU_LINK_BYTES_S, "assumed (one GPU: no NCCL peer)"
+    else:
+        transfer, transfer_how = time_block_transfer(block_shape, engine.device.type), "measured"
     kv_tokens = num_blocks_for(int(free_memory(engine.device) * EngineConfig.kv_cache_fraction), block_bytes) * block_size
-    sharing = time_sharing(engine, args.model, args.neighbours, rng, vocab)
-    name = f"{args.model}-{engine.device.type}-{args.threads}threads"
+    sharing = time_sharing(engine, args.model, 0 if cuda else args.neighbours, rng, vocab)
+    where = torch.cuda.get_device_name(engine.device).replace(" ", "-") if cuda else "cpu"
+    name = f"{args.model}-{where}" + ("" if cuda else f"-{args.threads}threads")
+    args.out = args.out or f"minicake/conductor/profiles/{args.model}-{where if cuda else 'cpu'}.json"
     profile = fit_profile(name, prefill, decode, transfer, block_size, kv_tokens, decode_cv)
     profile.save(args.out)
-    report(profile, prefill, decode, transfer, sharing, args.out)
+    report(profile, prefill, decode, transfer, transfer_how, sharing, args.out)
     return 0
 
 
-def report(profile, prefill, decode, transfer, sharing, out) -> None:
+def report(profile, prefill, decode, transfer, transfer_how, sharing, out) -> None:
     table = Table(title=f"{profile.name}: measured vs fitted")
     for col in ("kind", "shape", "measured ms", "fitted ms"):
         table.add_column(col, justify="right")
@@ -238,7 +277,7 @@ def report(profile, prefill, decode, transfer, sharing, out) -> None:
         table.add_row("decode step", f"batch={b} context={ctx}", f"{t * 1e3:.1f}", f"{f * 1e3:.1f}")
     errors += [abs(profile.decode_step_time(b, ctx) - t) / t for b, ctx, t in decode]
     table.add_row("decode step spread", f"{DECODE_STEPS} steps per shape", f"cv {profile.decode_step_cv:.1%}", "")
-    table.add_row("transfer", f"1 block of {profile.block_size} tokens", f"{transfer * 1e3:.3f}", "")
+    table.add_row(f"transfer, {transfer_how}", f"1 block of {profile.block_size} tokens", f"{transfer * 1e3:.3f}", "")
     cores = os.cpu_count()
     for kind, shape, slowdowns in (("prefill", "N={} cached={}".format(*SHARING_PREFILL), sharing[0]),
                                    ("decode step", "batch={} context={}".format(*SHARING_DECODE), sharing[1])):
@@ -247,7 +286,7 @@ def report(profile, prefill, decode, transfer, sharing, out) -> None:
                           f"x{max(1, (k + 1) / cores):.2f} ({cores} cores)")
     Console().print(table)
     print(json.dumps({"profile": out, "name": profile.name, "prefill_coef": profile.prefill_coef,
-                      "decode_coef": profile.decode_coef, "transfer_s_per_block": transfer,
+                      "decode_coef": profile.decode_coef, "transfer_s_per_block": transfer, "transfer": transfer_how,
                       "kv_capacity_tokens": profile.kv_capacity_tokens, "decode_step_cv": profile.decode_step_cv,
                       "prefill_sharing": sharing[0],
                       "decode_sharing": sharing[1], "cpu_cores": cores,
