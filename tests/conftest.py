@@ -1,5 +1,6 @@
 """Shared test setup. TRITON_INTERPRET must be set before triton is first imported, so the
-Triton kernels run on the CPU through the interpreter."""
+Triton kernels run on the CPU through the interpreter; TRITON_INTERPRET=0 in the environment
+compiles them for a GPU instead (benchmarks/gpu_check.sh)."""
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
