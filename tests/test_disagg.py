@@ -161,6 +161,10 @@ def test_bad_requests_are_refused_in_the_parent(clusters):
         cluster.add_request("e", [], SamplingParams())
     with pytest.raises(ValueError, match="max_model_len is 256"):
         cluster.add_request("l", [1] * 300, SamplingParams())
+    changed = SamplingParams(seed=1)
+    changed.seed = 2**64  # set after its checks ran: each instance would refuse it
+    with pytest.raises(ValueError, match="seed"):
+        cluster.add_request("s", [1, 2], changed)
     with pytest.raises(ValueError, match="pipeline_stages=3 exceeds the model's 2 layers"):
         Cluster(cluster.config, pipeline_stages=3)
 

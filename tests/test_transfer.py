@@ -3,16 +3,21 @@
 Each test launches real ranks with minicake's launcher. The senders' caches are random with a
 fixed seed, so the receiving rank rebuilds them to check what landed in its reserved blocks.
 """
+import importlib
+import json
 import os
+import queue
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from minicake.disagg.transfer import Channels, KVReceiver, KVSender, open_channels
-from minicake.disagg.launcher import launch, stop
+from minicake.disagg.launcher import PARENT_PID, die_with_parent, free_port, init_rank, launch, stop
 
 NUM_LAYERS, NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM = 3, 12, 4, 2, 8
 
@@ -34,27 +39,40 @@ def poll_until_settled(receiver: KVReceiver, limit: float = 20.0):
 
 
 def run_ranks(target, world_size: int, limit: float = 60.0, backend: str = "gloo") -> dict:
-    """Run `target(rank, results)` on every rank; returns what the ranks put, by key."""
-    results = mp.get_context("spawn").Queue()
-    procs = launch(target, [(results,)] * world_size, backend=backend, num_threads=1)
-    out, deadline = {}, time.monotonic() + limit
+    """Run `target(rank, results)` (a function of a module in tests/) on every rank, each a
+    `python -m test_transfer` process; returns what the ranks put in `results` ((key, value)
+    pairs, JSON), by key."""
+    folder = Path(tempfile.mkdtemp())
+    procs = launch("test_transfer", list(range(world_size)), world_size, "127.0.0.1", free_port(),
+                   args=(target.__module__, target.__name__, backend, str(folder)),
+                   env={"PYTHONPATH": str(Path(__file__).parent)})
+    deadline = time.monotonic() + limit
     try:
-        while any(p.is_alive() for p in procs) or not results.empty():
+        while any(p.poll() is None for p in procs):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"ranks did not finish within {limit}s; got {out}")
-            try:
-                out.update([results.get(timeout=0.2)])
-            except Exception:  # queue.Empty
-                pass
+                raise TimeoutError(f"ranks did not finish within {limit}s")
+            time.sleep(0.2)
     finally:
         stop(procs, timeout=5)
-    return out
+    return {k: v for f in folder.glob("*.json") for k, v in json.loads(f.read_text())}
+
+
+def rank_main(module: str, target_name: str, backend: str, folder: str) -> None:
+    """A rank's process: join the group, run the target, write what it put."""
+    die_with_parent(int(os.environ[PARENT_PID]))
+    torch.set_num_threads(1)
+    rank, results = init_rank(backend), queue.Queue()
+    try:
+        getattr(importlib.import_module(module), target_name)(rank, results)
+    finally:  # a rank that dies on purpose (os._exit) writes nothing
+        (Path(folder) / f"{rank}.json").write_text(json.dumps(list(results.queue)))
+    os._exit(0)  # without tearing gloo down under the receive threads
 
 
 def fan_in(rank, results):
     """Ranks 0 and 1 are two prefill stages (layer 0; layers 1-2), rank 2 the decode side."""
     k, v = caches(rank)
-    channels = open_channels()
+    channels = open_channels(k[0].device)
     if rank < 2:
         sender = KVSender(channels, timeout=10)
         layers = [0] if rank == 0 else [1, 2]
@@ -92,7 +110,7 @@ def test_each_stage_sends_its_layers_into_the_blocks_the_decode_side_reserved():
 
 def sender_dies(rank, results):
     k, v = caches(rank)
-    channels = open_channels()
+    channels = open_channels(k[0].device)
     if rank == 0:
         KVSender(channels, timeout=10).send_layer(3, 1, 0, 0, [1, 2], k[0], v[0])
         time.sleep(1.0)
@@ -113,7 +131,7 @@ def test_a_prefill_rank_dying_mid_transfer_fails_that_transfer_with_a_reason():
 
 def receiver_dies(rank, results):
     k, v = caches(rank)
-    channels = open_channels()
+    channels = open_channels(k[0].device)
     if rank == 1:
         time.sleep(1.0)
         os._exit(1)
@@ -137,3 +155,7 @@ def test_sending_no_blocks_is_refused():
     k, v = caches(0)
     with pytest.raises(AssertionError, match="at least one block"):
         KVSender(Channels(0, {}), timeout=1).send_layer(1, 1, 0, 0, [], k[0], v[0])
+
+
+if __name__ == "__main__":
+    rank_main(*sys.argv[1:])

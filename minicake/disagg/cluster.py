@@ -14,6 +14,7 @@ import itertools
 import logging
 import os
 import queue
+import secrets
 import threading
 import time
 from dataclasses import replace
@@ -21,7 +22,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
 
 from minicake.cache.kv_cache import host_kv_budgets
 from minicake.config import EngineConfig
@@ -30,13 +30,14 @@ from minicake.model.config import ModelConfig
 from minicake.model.loader import check_weight_files, resolve_model
 from minicake.model.tokenizer import Tokenizer
 from minicake.sampling import SamplingParams
-from minicake.disagg.instance import InstanceSpec, run_instance
-from minicake.disagg.launcher import launch, stop
+from minicake.disagg.instance import InstanceSpec
+from minicake.disagg.launcher import free_port, launch, stop
+from minicake.disagg.worker import TOKEN_ENV
 from minicake.conductor.conductor import ConductorConfig
 from minicake.conductor.cost_model import CostModel, calibrate, load_profile
 from minicake.conductor.live import LiveConductor, RequestRejected, SLOUnreachable
-from minicake.disagg.messages import (PARENT, Abort, Crashed, HeldBlocks, Mailbox, NewRequest, Outputs, Ready,
-                                     Shutdown, Stats, error_line, make_pipes)
+from minicake.disagg.messages import (Abort, Crashed, HeldBlocks, Hello, Mailbox, NewRequest, Outputs, Ready, Setup,
+                                     Shutdown, Stats, error_line)
 
 START_TIMEOUT_S = 300.0  # every instance loads its model and reports Ready within this
 # An instance reports from its loop between steps (and a prefill instance after every layer), so
@@ -116,13 +117,11 @@ class Cluster:
             # they do not fit); on CUDA each has a GPU of its own and sizes its cache there
             budgets = host_kv_budgets(configs, self.model_config, self.max_model_len)
             configs = [replace(c, kv_cache_memory=b) for c, b in zip(configs, budgets)]
-        ends = make_pipes(mp.get_context("spawn"), [PARENT] + [s.rank for s in self.specs])
-        self.procs = launch(run_instance, [(s, c, ends[s.rank]) for s, c in zip(self.specs, configs)],
-                            backend="nccl" if cuda else "gloo", num_threads=threads)
-        for rank, (incoming, outgoing) in ends.items():
-            if rank != PARENT:  # the children hold these now; a dead child's pipes must hit EOF
-                Mailbox(incoming, outgoing).close()
-        self._mailbox = Mailbox(*ends[PARENT])
+        self.configs = configs
+        self.token = secrets.token_hex(16)  # one host: no one else needs it
+        self._mailbox = Mailbox(self.token)
+        self.procs = launch("minicake.disagg.worker", [s.rank for s in self.specs], len(self.specs), "127.0.0.1",
+                            free_port(), args=("--control", self._mailbox.address), env={TOKEN_ENV: self.token})
         try:
             prefill_timings, decode_timings = self._wait_ready()
         except BaseException:
@@ -138,24 +137,36 @@ class Cluster:
         self._pump_thread.start()
 
     def _wait_ready(self) -> tuple[list, list]:
-        """Every instance's Ready; returns their start-up (prefill, decode) timings, all ranks together."""
+        """Every instance's Hello (then each gets its Setup) and Ready; returns their start-up
+        (prefill, decode) timings, all ranks together."""
         deadline = time.monotonic() + START_TIMEOUT_S
-        prefill_timings, decode_timings = [], []
+        prefill_timings, decode_timings, addresses = [], [], {}
         while len(self._num_blocks) < len(self.specs):
             for msg in self._mailbox.receive(timeout=0.5):
-                if isinstance(msg, Ready):
+                if isinstance(msg, Hello):
+                    addresses[msg.rank] = msg.address
+                    if len(addresses) == len(self.specs):
+                        self._send_setups(addresses)
+                elif isinstance(msg, Ready):
                     self._num_blocks[msg.rank] = msg.num_blocks
                     log.info("rank %d ready: %d KV blocks, kernels: %s", msg.rank, msg.num_blocks, msg.platform)
                     prefill_timings += msg.prefill_timings
                     decode_timings += msg.decode_timings
                 elif isinstance(msg, Crashed):
                     raise RuntimeError(f"instance rank {msg.rank} failed to start:\n{msg.error}")
-            dead = [p for p in self.procs if not p.is_alive()]
+            dead = [(s, p) for s, p in zip(self.specs, self.procs) if p.poll() is not None]
             if dead:
-                raise RuntimeError(f"instance process {dead[0].name} exited with code {dead[0].exitcode} while starting")
+                raise RuntimeError(f"{_name(dead[0][0])} exited with code {dead[0][1].returncode} while starting")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"instances did not start within {START_TIMEOUT_S:.0f}s")
         return prefill_timings, decode_timings
+
+    def _send_setups(self, addresses: dict[int, str]) -> None:
+        """Every rank said Hello: tell each what to run and where its peers listen."""
+        self._mailbox.connect(addresses)
+        book = [addresses[s.rank] for s in self.specs]
+        for spec, config in zip(self.specs, self.configs):
+            self._mailbox.send(spec.rank, Setup(spec, config, book))
 
     def close(self) -> None:
         """End every instance process; returns within a bounded time whatever their state."""
@@ -230,6 +241,8 @@ class Cluster:
     def _validate(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if isinstance(params, SamplingParams):
+            replace(params)  # its checks again, for fields set after it was built: each instance rebuilds it so
         check_request(request_id, prompt, params, self.model_config.vocab_size, self.max_model_len,
                       self.config.block_size, min(self._num_blocks.values()))
 
@@ -309,8 +322,8 @@ class Cluster:
         for spec, p in zip(self.specs, self.procs):
             if spec.rank in self._dead:
                 continue
-            if not p.is_alive():
-                self._on_death(spec.rank, f"{_name(spec)} died with exit code {p.exitcode}")
+            if p.poll() is not None:
+                self._on_death(spec.rank, f"{_name(spec)} died with exit code {p.returncode}")
             elif time.monotonic() - heard[spec.rank] > self.heartbeat_timeout:
                 p.kill()  # SIGKILL works on a stopped process too: it cannot come back half-alive
                 self._on_death(spec.rank, f"{_name(spec)} sent no heartbeat for {self.heartbeat_timeout:g}s: "

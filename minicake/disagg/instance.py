@@ -1,24 +1,21 @@
 """The loop of one instance process: read the mailbox, do one unit of work, report (docs/design.md, Processes).
 
-`run_instance` is what the launcher starts on every rank: it builds the instance its role
+`serve_instance` is what every instance process (worker.py) runs: it builds the instance its role
 names (colocated: a plain `Engine`; prefill stage; decode) and runs its loop until the parent
 says `Shutdown`. The loop never blocks for long: it waits on its mailbox only when there is
 nothing to compute, so aborts and shutdowns are seen within a step, and it tells the parent
 `Alive` every ALIVE_PERIOD_S (the parent's heartbeat). An exception while handling one
 request's message fails that request only; any other exception ends the instance (`Crashed`).
 """
-import faulthandler
 import logging
-import os
-import signal
 import time
 from dataclasses import dataclass
 
 from minicake.config import EngineConfig
 from minicake.engine import Engine, StepOutput
 from minicake.disagg.calibration import startup_timings
-from minicake.disagg.messages import (ALIVE_PERIOD_S, PARENT, Abort, Alive, Crashed, Mailbox, NewRequest, Outputs,
-                                     Ready, Shutdown, Stats, error_line)
+from minicake.disagg.messages import (ALIVE_PERIOD_S, PARENT, Abort, Alive, Mailbox, NewRequest, Outputs, Ready,
+                                     Shutdown, Stats, error_line)
 
 STATS_PERIOD_S = 0.2  # a busy instance reports its stats at most this often
 IDLE_WAIT_S = 0.05  # mailbox wait of an idle instance
@@ -120,27 +117,13 @@ class ColocatedInstance(Instance):
             self.emit(self.engine.step())
 
 
-def run_instance(rank: int, spec: InstanceSpec, config: EngineConfig, pipe_ends: tuple[dict, dict]) -> None:
-    """Entry point of an instance process (called by the launcher inside the process group)."""
-    assert rank == spec.rank, f"launched as rank {rank} for the instance of rank {spec.rank}"
-    logging.basicConfig(level=logging.WARNING)
-    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` prints every thread's stack
-    mailbox = Mailbox(*pipe_ends)
-    code = 0
-    try:
-        engine = Engine(config)
-        timings = startup_timings(spec.role, spec.stage, engine)  # checks the cost profile, before a role has the engine
-        instance = build_instance(spec, engine, mailbox)
-        mailbox.send(PARENT, Ready(rank, engine.block_manager.num_blocks, engine.platform, *timings))
-        instance.serve()
-    except Exception as e:  # noqa: BLE001 - the parent turns this into aborted requests
-        log.error("rank %d crashed", rank, exc_info=e)
-        mailbox.send(PARENT, Crashed(rank, error_line(f"{type(e).__name__}: {e}")))
-        code = 1
-    mailbox.close()
-    # Leave without tearing gloo down: the KV receive threads are still waiting on peers, and
-    # destroying the process group under them aborts the process. Pipes have nothing to flush.
-    os._exit(code)
+def serve_instance(spec: InstanceSpec, config: EngineConfig, mailbox: Mailbox) -> None:
+    """Build the instance `spec` names, tell the parent Ready, serve until Shutdown (the worker's main)."""
+    engine = Engine(config)
+    timings = startup_timings(spec.role, spec.stage, engine)  # checks the cost profile, before a role has the engine
+    instance = build_instance(spec, engine, mailbox)
+    mailbox.send(PARENT, Ready(spec.rank, engine.block_manager.num_blocks, engine.platform, *timings))
+    instance.serve()
 
 
 def build_instance(spec: InstanceSpec, engine: Engine, mailbox: Mailbox) -> Instance:

@@ -1,63 +1,53 @@
-"""Process launch for instances: spawn, env:// rendezvous, shutdown, no orphans (docs/design.md, Processes).
+"""Process launch for instances: programs of their own, env:// rendezvous, shutdown, no orphans (docs/design.md, Processes).
 
-Each instance is a process started with torch.multiprocessing's spawn and joined to one
+Each instance is a program, `python -m minicake.disagg.worker`, started with subprocess and this
+Python (`sys.executable`): nothing of the caller's `__main__` is imported again, so a script without
+a main guard, `python - < script.py` or a notebook can start a cluster. A rank joins one
 torch.distributed group through env:// (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE), the
-variables torchrun sets, so the same `init_rank` serves ranks started on several hosts. A child
-dies with its parent even when the parent is SIGKILLed: the kernel sends it SIGKILL
-(PR_SET_PDEATHSIG), and a watchdog thread that compares the parent pid covers the moment before
-prctl ran. PR_SET_PDEATHSIG fires when the *thread* that started the child exits: launch from a
-thread that lives as long as the instances (the main thread, or the event-loop thread).
+variables torchrun sets, so ranks started on several hosts join the same way. A child dies with
+its parent even when the parent is SIGKILLed: first thing, it asks the kernel for SIGKILL when the
+parent goes (PR_SET_PDEATHSIG, `die_with_parent`), and a watchdog thread that compares the parent
+pid covers the moment before prctl ran. PR_SET_PDEATHSIG fires when the *thread* that started the
+child exits: launch from a thread that lives as long as the instances (the main thread, or the
+event-loop thread).
 """
 import ctypes
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from datetime import timedelta
+from pathlib import Path
 
-import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
 GROUP_TIMEOUT = timedelta(days=1)  # gloo's default wait; a wait for a header may last as long as idle time, so real timeouts are per transfer (kv_transfer_timeout)
+PARENT_PID = "MINICAKE_PARENT_PID"  # the environment variable that names the process a child dies with
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder that holds this minicake
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free now (the OS picks it) for the rendezvous store."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
-def launch(target, args_per_rank: list[tuple], backend: str, num_threads: int,
-           master_port: int | None = None) -> list[mp.Process]:
-    """Start one process per rank running `target(rank, *args_per_rank[rank])` inside a
-    torch.distributed group of world size len(args_per_rank). Returns the processes, started."""
-    assert args_per_rank, "launch at least one rank"
-    ctx = mp.get_context("spawn")
-    port = master_port or free_port()
-    procs = []
-    for rank, args in enumerate(args_per_rank):
-        env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "RANK": str(rank), "WORLD_SIZE": str(len(args_per_rank))}
-        p = ctx.Process(target=_run_rank, args=(env, os.getpid(), backend, num_threads, target, args),
-                        name=f"minicake-rank{rank}", daemon=True)
-        p.start()
-        procs.append(p)
-    return procs
-
-
-def _run_rank(env: dict, parent_pid: int, backend: str, num_threads: int, target, args) -> None:
-    die_with_parent(parent_pid)
-    os.environ.update(env)
-    torch.set_num_threads(num_threads)
-    rank = init_rank(backend)
-    try:
-        target(rank, *args)
-    finally:
-        dist.destroy_process_group()  # also ends the receive threads still waiting on peers
+def launch(module: str, ranks: list[int], world_size: int, master_addr: str, master_port: int,
+           args: tuple[str, ...] = (), env: dict | None = None) -> list[subprocess.Popen]:
+    """Start `python -m module *args` once per rank, with the env:// variables of a group of
+    `world_size` ranks and `env` added. Returns the processes, in the order of `ranks`."""
+    assert ranks, "launch at least one rank"
+    path = os.pathsep.join(p for p in (PACKAGE_ROOT, (env or {}).get("PYTHONPATH"), os.environ.get("PYTHONPATH")) if p)
+    common = os.environ | (env or {}) | {
+        "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port), "WORLD_SIZE": str(world_size),
+        PARENT_PID: str(os.getpid()), "PYTHONPATH": path}  # the child imports this same minicake
+    return [subprocess.Popen([sys.executable, "-m", module, *args], env=common | {"RANK": str(rank)})
+            for rank in ranks]
 
 
 def init_rank(backend: str) -> int:
@@ -81,15 +71,22 @@ def die_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watchdog, name="parent-watchdog", daemon=True).start()
 
 
-def stop(procs: list[mp.Process], timeout: float) -> None:
+def stop(procs: list[subprocess.Popen], timeout: float) -> None:
     """Wait up to `timeout` seconds for the processes to exit, then SIGTERM, then SIGKILL."""
     deadline = time.monotonic() + timeout
     for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    for sig_fn in (lambda p: p.terminate(), lambda p: p.kill()):
-        alive = [p for p in procs if p.is_alive()]
+        _wait(p, max(0.0, deadline - time.monotonic()))
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        alive = [p for p in procs if p.poll() is None]
         for p in alive:
-            sig_fn(p)
+            p.send_signal(sig)
         for p in alive:
-            p.join(2.0)
-    assert not any(p.is_alive() for p in procs), "an instance process survived SIGKILL"
+            _wait(p, 2.0)
+    assert all(p.poll() is not None for p in procs), "an instance process survived SIGKILL"
+
+
+def _wait(p: subprocess.Popen, timeout: float) -> None:
+    try:
+        p.wait(timeout)
+    except subprocess.TimeoutExpired:
+        pass

@@ -1,18 +1,35 @@
 """The control plane: small messages between the parent and the instance processes (docs/design.md, Processes).
 
-They travel on one-way pipes, one per pair of processes (`Mailbox`, at the end of this file);
-K/V and hidden states never do (they go through torch.distributed). One request, disaggregated:
+They travel over ZeroMQ as signed msgpack (`Mailbox`, at the end of this file; codec.py);
+K/V and hidden states never do (they go through torch.distributed). A new instance process says
+`Hello` to the parent and gets its `Setup`. One request, disaggregated:
 parent --NewRequest--> decode reserves blocks --StartPrefill (blocks reserved)--> prefill stage 0,
 whose layers and the next stages' send K/V to decode; the last stage samples the first token
 --Prefilled--> decode, which streams every token to the parent as `Outputs`.
 """
+import logging
 import re
 import threading
-import time
 from dataclasses import dataclass
-from multiprocessing import connection
 
+import zmq
+
+from minicake.disagg import codec
 from minicake.sampling import SamplingParams
+
+
+@dataclass
+class Hello:  # instance process -> parent, first: where its inbox listens
+    rank: int
+    address: str
+    pid: int
+
+
+@dataclass
+class Setup:  # parent -> instance process, once every rank said Hello: what to run, and where peers listen
+    spec: object  # InstanceSpec (minicake/disagg/instance.py)
+    config: object  # EngineConfig, sized for this process
+    addresses: list[str]  # every rank's inbox, by rank
 
 
 @dataclass
@@ -108,6 +125,8 @@ class Crashed:  # instance -> parent: an exception ended the instance loop
 
 
 ALIVE_PERIOD_S = 0.25
+LINGER_MS = 2000  # a closing mailbox waits this long for its queued messages to leave
+log = logging.getLogger("minicake.control")
 _PATH = re.compile(r"(?<![\w.~-])(?:/[\w.~+-]+){2,}(?::\d+)?")  # /a/b..., a source line's :123 too
 
 
@@ -121,46 +140,86 @@ PARENT = -1  # the mailbox address of the parent process; instances are addresse
 
 
 class Mailbox:
-    """One process's ends of the control pipes: a one-way pipe per (sender, receiver) pair.
+    """One process's end of the control plane: a ZeroMQ PULL socket that is its inbox, bound to
+    this node's address on a port the OS picks, and a PUSH socket to each peer's inbox.
 
-    Not one shared queue: a queue's writers share a lock, and a process killed while it holds
-    that lock (or mid-message) would silence every other writer. A pipe has one writer, so a
-    dead process breaks only its own pipes, and its readers see EOF.
+    Peers learn each other's inbox through the parent: an instance tells it `Hello` (its
+    address), and the parent sends every instance the whole address book in `Setup`. Every
+    message is two frames, an HMAC of the payload with the cluster's token, then the payload
+    (codec.py); one that fails either check is dropped, logged once per sending host and reason.
+    A send never blocks: ZeroMQ queues for a peer that is slow or not connected yet. A dead peer
+    gives no EOF, as a pipe did: the parent sees deaths by watching processes and heartbeats.
     """
 
-    def __init__(self, incoming: dict, outgoing: dict):
-        self.incoming, self.outgoing = dict(incoming), dict(outgoing)  # address -> Connection
-        self._locks = {dst: threading.Lock() for dst in outgoing}  # the parent sends from two threads
+    def __init__(self, token: str, host: str = "127.0.0.1", port: int = 0):
+        self.token = token.encode()
+        self.context = zmq.Context()
+        self.inbox = self.context.socket(zmq.PULL)
+        if port:
+            self.inbox.bind(f"tcp://{host}:{port}")
+        else:
+            self.inbox.bind_to_random_port(f"tcp://{host}")
+        self.address = self.inbox.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.peers: dict[int, str] = {}  # address -> inbox endpoint
+        self._outboxes: dict[int, zmq.Socket] = {}
+        self._lock = threading.Lock()  # the parent sends from several threads; a ZeroMQ socket is not thread-safe
+        self._logged: set[tuple[str, str]] = set()
+        self._closed = False
+
+    def connect(self, peers: dict[int, str]) -> None:
+        """Learn where peers listen (address -> endpoint); sends to them may start at once."""
+        self.peers.update(peers)
 
     def send(self, dst: int, msg) -> None:
         """Deliver in order; a message to a dead process is dropped (its death is noticed elsewhere)."""
-        with self._locks[dst]:
-            try:
-                self.outgoing[dst].send(msg)
-            except OSError:  # BrokenPipeError: the reader is gone
-                pass
+        payload = codec.encode(msg)
+        frames = [codec.sign(self.token, payload), payload]
+        with self._lock:
+            if self._closed or dst not in self.peers:  # closing, or a process that never said Hello
+                return
+            out = self._outboxes.get(dst)
+            if out is None:
+                out = self._outboxes[dst] = self.context.socket(zmq.PUSH)
+                out.setsockopt(zmq.SNDHWM, 0)  # no limit: queue rather than block or drop
+                out.setsockopt(zmq.LINGER, LINGER_MS)
+                out.connect(self.peers[dst])
+            out.send_multipart(frames)
 
     def receive(self, timeout: float) -> list:
         """Every message waiting now, after waiting up to `timeout` seconds for the first."""
         msgs = []
-        if not self.incoming:  # every writer is gone
-            time.sleep(timeout)
-        for conn in connection.wait(list(self.incoming.values()), timeout):
+        if not self.inbox.poll(int(timeout * 1000)):
+            return msgs
+        while True:
             try:
-                while conn.poll():
-                    msgs.append(conn.recv())
-            except (EOFError, OSError):  # the writer died: never read this pipe again
-                self.incoming = {k: c for k, c in self.incoming.items() if c is not conn}
-        return msgs
+                frames = self.inbox.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return msgs
+            msg = self._check(frames)
+            if msg is not None:
+                msgs.append(msg)
+
+    def _check(self, frames):
+        """The message the frames carry, or None (logged) when they are not from the cluster."""
+        if len(frames) != 2:
+            reason = f"{len(frames)} frame(s), not 2"
+        elif not codec.verify(self.token, frames[1].bytes, frames[0].bytes):
+            reason = "bad signature: not signed with this cluster's token"
+        else:
+            try:
+                return codec.decode(frames[1].bytes)
+            except codec.DecodeError as e:
+                reason = str(e)
+        sender = frames[0].get("Peer-Address")
+        if (sender, reason) not in self._logged:  # once: a flood must not flood the log
+            self._logged.add((sender, reason))
+            log.warning("control plane: dropped a message from %s: %s", sender, reason)
+        return None
 
     def close(self) -> None:
-        for conn in [*self.incoming.values(), *self.outgoing.values()]:
-            conn.close()
-
-
-def make_pipes(ctx, addresses: list[int]) -> dict[int, tuple[dict, dict]]:
-    """A pipe for every ordered pair of addresses; returns each address's (incoming, outgoing)
-    ends, from which the process that owns them builds its `Mailbox` (locks do not pickle)."""
-    pipes = {(a, b): ctx.Pipe(duplex=False) for a in addresses for b in addresses if a != b}  # (reader, writer)
-    return {x: ({a: pipes[a, x][0] for a in addresses if a != x}, {b: pipes[x, b][1] for b in addresses if b != x})
-            for x in addresses}
+        """Close the sockets; queued messages get LINGER_MS to leave."""
+        with self._lock:
+            self._closed = True
+            for sock in [self.inbox, *self._outboxes.values()]:
+                sock.close()
+            self.context.term()
