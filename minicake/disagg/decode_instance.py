@@ -23,7 +23,7 @@ class DecodeInstance(Instance):
         super().__init__(spec, engine, mailbox)
         k_caches = [k for k, _ in engine.kv_caches]
         v_caches = [v for _, v in engine.kv_caches]
-        channels = open_channels()  # every rank of the job, once: prefill instances too
+        channels = open_channels(k_caches[0].device)  # every rank of the job, once: prefill instances too
         self.receiver = KVReceiver(channels, list(spec.prefill_ranks), k_caches, v_caches,
                                    engine.config.kv_transfer_timeout)
         self.to_reserve: deque[NewRequest] = deque()  # waiting for free blocks, in arrival order

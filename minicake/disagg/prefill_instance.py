@@ -35,7 +35,7 @@ class PrefillInstance(Instance):
     def __init__(self, spec, engine, mailbox):
         super().__init__(spec, engine, mailbox)
         cfg, layers = engine.config, len(engine.model.layers)
-        channels = open_channels()  # every rank of the job, once: decode instances too
+        channels = open_channels(engine.kv_caches[0][0].device)  # every rank of the job, once: decode instances too
         self.stage, self.group = spec.stage, spec.group_ranks
         self.is_last = self.stage == len(self.group) - 1
         self.sender = KVSender(channels, cfg.kv_transfer_timeout)

@@ -8,24 +8,22 @@ stream header first, sizes the payload buffer from it (in gloo a receive buffer 
 message aborts the process) and copies the blocks into the blocks it reserved. Only tensors cross
 here, through torch.distributed, so gloo on CPU and NCCL on GPUs take the same code path.
 
-Channels: every direction of every rank pair has a process group of its own (`open_channels`),
-so a receive posted from B never queues A's send to B behind it (NCCL runs one communicator's
-operations in order), and each communicator has one user thread: receives from src run in the
-thread that reads src's stream, sends leave from the instance's main thread. Each channel
-carries one ordered stream (K/V, migrated blocks or hidden states), since NCCL has no tags.
+Channels (`open_channels`): one process group per direction of each rank pair, so a receive
+posted from B never queues A's send to B behind it (NCCL runs a communicator's operations in
+order), and one user thread per group: receives in the thread that reads their stream, sends
+from the main thread. Each direction carries one kind of stream, in order (NCCL has no tags).
+On CUDA each receive thread posts and waits on a stream of its own and hands each payload over
+with an event that the compute stream waits for (`_store`); sends go on the compute stream after
+their payload copy and are awaited on their waiter thread's stream. gloo: the same code, no streams.
 
-Streams (CUDA): a receive thread posts and waits on a CUDA stream of its own, learns a header by
-synchronising that stream only, and hands over each payload with an event that the compute
-stream waits for in `_store`; a send is posted on the compute stream after its payload copy and
-its completion is awaited on the waiter thread's stream. A posted receive never holds up a
-kernel. On CPU (gloo) the streams and events are absent and the code path is the same.
-
-Faults (NCCL): every wait has a timeout, so ProcessGroupNCCL polls the work from the waiting
-thread and raises there (after aborting that one communicator) when the peer fails or the time
-is up; the watchdog only aborts a failed communicator (`NCCL_ENV`). What holds: a dead peer or a
-timed-out wait fails that peer's transfers and never ends this process. Untested without GPUs
-(the CUDA tests are skipped on CPU): that NCCL notices a peer that died while idle before the
-transfer timeout, and that two communicators' kernels on one GPU never wait for each other.
+Faults on NCCL, by construction (read from ProcessGroupNCCL; none of the CUDA path has run on a
+GPU yet): every wait has a timeout, so a failed or late operation raises in the thread that
+waits, after aborting only its communicator, and `NCCL_ENV` keeps the watchdog from ending the
+process; a dead peer's transfers fail, the process lives on. Untested without two GPUs (the
+CUDA tests in tests/test_channels.py): that a posted receive leaves the compute stream's kernels
+and the other direction's sends alone, that NCCL reports a peer that died while idle (else its transfers fail by the silence
+timeout), and that an abort returns while the peer is dead (if it hangs, ProcessGroupNCCL's
+heartbeat monitor ends the process after TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC).
 """
 import os
 import queue
@@ -41,9 +39,10 @@ HEADER_TAG, PAYLOAD_TAG = 1, 2  # separate tags: a header never matches a payloa
 HEADER_LEN = 4  # int64: transfer id, layer, first block (index in the request's block table), number of blocks
 # A channel's next header may be as far away as the server's idle time: this bounds only that.
 CHANNEL_TIMEOUT = timedelta(days=365)
-# ProcessGroupNCCL's default (3) ends the process when its watchdog sees an operation fail or
-# outlive the group's timeout: a dead peer would take the survivors down. 2 aborts only the
-# failed communicator; the thread waiting on the operation raises. Read when a group is created.
+# ProcessGroupNCCL's default error handling (3) ends the process when its watchdog sees an
+# operation fail or outlive the group's timeout: a dead peer would take the survivors down. 2
+# aborts only the failed communicator; the thread waiting on the operation raises. Each group
+# reads it when it is created.
 NCCL_ENV = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "2"}
 
 # A gloo work completes only inside wait(), and a wait that times out ends the work: so waits
@@ -66,16 +65,19 @@ class Channels:
         return self.groups[(src, self.rank)]
 
 
-def open_channels() -> Channels:
+def open_channels(device: torch.device) -> Channels:
     """Create one process group per direction of every pair of ranks, in one order everywhere:
-    collective, so every rank of the job calls it once, before its first send or receive."""
+    collective, so every rank of the job calls it once, before its first send or receive. On CUDA
+    (`device` with its index) each pair's NCCL communicator connects here, in that order, rather
+    than at its first use, where a send would wait in the main thread for the peer's receive."""
     os.environ.update(NCCL_ENV)
     rank, world = dist.get_rank(), dist.get_world_size()
+    device_id = device if device.type == "cuda" else None
     groups = {}
     for src in range(world):
         for dst in range(world):
             if src != dst:
-                group = dist.new_group([src, dst], timeout=CHANNEL_TIMEOUT)
+                group = dist.new_group([src, dst], timeout=CHANNEL_TIMEOUT, device_id=device_id)
                 if rank in (src, dst):
                     groups[(src, dst)] = group
     return Channels(rank, groups)
