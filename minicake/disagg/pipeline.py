@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from minicake.disagg.transfer import Channels, KVSender, side_stream
+from minicake.sampling import to_device
 from minicake.model.attention import AttentionMetadata
 
 HIDDEN_TAG = 3  # hidden states between neighbour stages
@@ -69,7 +70,7 @@ class StageBatch:
 
     def tensors(self, device) -> tuple[torch.Tensor, AttentionMetadata]:
         def t(x, dtype):
-            return torch.tensor(x, dtype=dtype, device=device)
+            return to_device(x, dtype, device)
         meta = AttentionMetadata(t(self.query_start_loc, torch.int32), t(self.context_lens, torch.int32),
                                  t(self.block_tables, torch.int32), t(self.slot_mapping, torch.int64))
         return t(self.positions, torch.int64), meta

@@ -35,6 +35,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from minicake.sampling import to_device
+
 HEADER_TAG, PAYLOAD_TAG = 1, 2  # separate tags: a header never matches a payload receive (gloo)
 HEADER_LEN = 4  # int64: transfer id, layer, first block (index in the request's block table), number of blocks
 # A channel's next header may be as far away as the server's idle time: this bounds only that.
@@ -121,10 +123,9 @@ class KVSender:
         first_block+1, ... of its block table. k_cache, v_cache: [num_blocks, block_size,
         num_kv_heads, head_dim]. The payload is a copy: the blocks may be reused right away."""
         assert block_ids, "send at least one block"
-        idx = torch.tensor(block_ids, device=k_cache.device)
+        idx = to_device(block_ids, torch.int64, k_cache.device)  # no host sync: sends stay behind compute
         payload = torch.stack((k_cache[idx], v_cache[idx]))  # [2, n, block_size, num_kv_heads, head_dim]
-        header = torch.tensor([transfer_id, layer, first_block, len(block_ids)],
-                              dtype=torch.int64, device=k_cache.device)
+        header = to_device([transfer_id, layer, first_block, len(block_ids)], torch.int64, k_cache.device)
         group = self.channels.to(dst)
         try:  # posted on the compute stream: NCCL sends once the payload copy is done
             works = [dist.isend(header, dst, group=group, tag=HEADER_TAG),
@@ -260,7 +261,7 @@ class KVReceiver:
         assert exp.first_block <= first_block and first_block + num_blocks <= len(exp.block_ids), \
             f"transfer {transfer_id}: blocks {first_block}..{first_block + num_blocks} outside the reserved ones"
         wait_for(arrived, payload)
-        idx = torch.tensor(exp.block_ids[first_block:first_block + num_blocks], device=payload.device)
+        idx = to_device(exp.block_ids[first_block:first_block + num_blocks], torch.int64, payload.device)
         self.k_caches[layer][idx] = payload[0]
         self.v_caches[layer][idx] = payload[1]
         exp.remaining -= num_blocks
