@@ -6,6 +6,8 @@ prefill group + 1 decode. Chunks are 32 tokens and blocks 4 tokens, so prompts s
 chunks, and a prompt that shares a prefix with an earlier one finds it cached on both sides.
 The 1P+1D cluster runs at most 2 sequences at once, so a batch of 5 waits for room.
 """
+import subprocess
+import sys
 import time
 from dataclasses import replace
 
@@ -179,6 +181,30 @@ def test_llm_switches_to_disaggregated_with_one_argument(tiny_checkpoint):
         assert [o.token_ids for o in outputs] == expected
         assert [o.finish_reason for o in outputs] == ["length"] * 3
     assert not llm.engine.cluster.is_healthy(), "closed with the with-block"
+
+
+NO_MAIN_GUARD = """
+import sys
+from minicake import LLM, SamplingParams
+llm = LLM(sys.argv[1], prefill_instances=1, decode_instances=1, device="cpu", block_size=4, num_kv_blocks=64,
+          num_threads=1)
+print(llm.generate([[5, 6, 7, 8, 9]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))[0].token_ids)
+"""
+
+
+@pytest.mark.parametrize("how", ["file", "stdin"])
+def test_a_script_without_a_main_guard_runs_a_cluster(tiny_checkpoint, tmp_path, how):
+    """The instances are programs of their own: nothing re-imports the script (or stdin)."""
+    model = str(tiny_checkpoint("llama"))
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    expected = LLM(model, device="cpu", block_size=4, num_kv_blocks=64).generate([[5, 6, 7, 8, 9]], params)
+    script = tmp_path / "script.py"
+    script.write_text(NO_MAIN_GUARD)
+    argv = [sys.executable, str(script) if how == "file" else "-", model]
+    with open(script) as stdin:
+        done = subprocess.run(argv, stdin=stdin, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == str(expected[0].token_ids)
 
 
 def test_pipeline_stages_split_the_layers_into_contiguous_ranges():

@@ -52,16 +52,12 @@ FIRST_TOKEN = SamplingParams(temperature=0.0, max_tokens=1)  # the request ends 
 # ## Two deployments, side by side
 #
 # `LLM(prefill_instances=1, decode_instances=1)` starts a `Cluster` of one prefill and one
-# decode process (spawned, rendezvous through torch.distributed's env:// with gloo) and
-# returns when both have loaded the model; `LLM.generate` then drives the cluster the way it
-# drives an in-process engine (chapter 4). The second cluster is the same with
-# `kv_transfer_layerwise=False`: every layer is sent only after the whole prompt is computed,
-# the baseline that layer-wise sending is measured against.
-#
-# The instance processes are *spawned*: each starts a fresh Python that re-runs this file's
-# top level (under the name `__mp_main__`) before it runs its instance. So the cells that
-# do work are under `if __name__ == "__main__":`, the usual multiprocessing idiom; imports
-# and function definitions stay at the top level, where a child may run them harmlessly.
+# decode process (each a program of its own, `python -m minicake.disagg.worker`, joined through
+# torch.distributed's env:// rendezvous with gloo) and returns when both have loaded the model;
+# `LLM.generate` then drives the cluster the way it drives an in-process engine (chapter 4).
+# Nothing of this file runs again in them, so it needs no `if __name__ == "__main__":`. The
+# second cluster is the same with `kv_transfer_layerwise=False`: every layer is sent only after
+# the whole prompt is computed, the baseline that layer-wise sending is measured against.
 
 # %%
 def ttft(llm: LLM, prompt: list[int]) -> float:
@@ -73,15 +69,14 @@ def ttft(llm: LLM, prompt: list[int]) -> float:
     return time.perf_counter() - start
 
 
-if __name__ == "__main__":
-    t0 = time.perf_counter()
-    clusters = {
-        "layer-wise": LLM(prefill_instances=1, decode_instances=1, **settings),
-        "send-after": LLM(prefill_instances=1, decode_instances=1, kv_transfer_layerwise=False, **settings),
-    }
-    for llm in clusters.values():
-        atexit.register(llm.close)  # stop the processes even if a check below fails
-    print(f"started 2 clusters (4 processes) in {time.perf_counter() - t0:.1f} s")
+t0 = time.perf_counter()
+clusters = {
+    "layer-wise": LLM(prefill_instances=1, decode_instances=1, **settings),
+    "send-after": LLM(prefill_instances=1, decode_instances=1, kv_transfer_layerwise=False, **settings),
+}
+for llm in clusters.values():
+    atexit.register(llm.close)  # stop the processes even if a check below fails
+print(f"started 2 clusters (4 processes) in {time.perf_counter() - t0:.1f} s")
 
 # %% [markdown]
 # ## Check: the decode process generates what one engine generates
@@ -91,15 +86,14 @@ if __name__ == "__main__":
 # produces: the KV cache that crossed the process boundary is the one the prefill computed.
 
 # %%
-if __name__ == "__main__":
-    tok = clusters["layer-wise"].tokenizer
-    prompt = tok.encode("The three primary colours are red, yellow and")
-    greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-    reference = LLM(**settings).generate([prompt], greedy, use_tqdm=False)[0].token_ids  # one engine, in process
-    for name, llm in clusters.items():
-        tokens = llm.generate([prompt], greedy, use_tqdm=False)[0].token_ids
-        assert tokens == reference, (name, tokens, reference)
-    print(f"engine, layer-wise and send-after clusters agree: {tok.decode(reference)!r}")
+tok = clusters["layer-wise"].tokenizer
+prompt = tok.encode("The three primary colours are red, yellow and")
+greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+reference = LLM(**settings).generate([prompt], greedy, use_tqdm=False)[0].token_ids  # one engine, in process
+for name, llm in clusters.items():
+    tokens = llm.generate([prompt], greedy, use_tqdm=False)[0].token_ids
+    assert tokens == reference, (name, tokens, reference)
+print(f"engine, layer-wise and send-after clusters agree: {tok.decode(reference)!r}")
 
 # %% [markdown]
 # ## Measurement: what the transfer adds to TTFT
@@ -115,28 +109,26 @@ if __name__ == "__main__":
 # faster and the link matters more, hiding the transfer decides whether disaggregation pays.
 
 # %%
-if __name__ == "__main__":
-    mc = ModelConfig.from_dir(resolve_model("smollm2-135m"))
-    kv_bytes_per_token = 2 * mc.num_hidden_layers * mc.num_key_value_heads * mc.head_dim * 4
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for n in (128, 512):
-        prompt = torch.randint(100, mc.vocab_size - 100, (n,), generator=g).tolist()
-        times = {name: [] for name in clusters}
-        for repeat in range(2):
-            for name, llm in clusters.items():
-                prompt_r = [repeat + 1] + prompt  # a fresh first block: no prefix-cache hit
-                times[name].append(ttft(llm, prompt_r))
-        rows.append((n, {name: statistics.median(t) for name, t in times.items()}))
-    print(f"{'prompt':>6} {'KV MiB':>7} {'TTFT layer-wise s':>17} {'TTFT send-after s':>17}")
-    for n, ttft in rows:
-        print(f"{n:>6} {n * kv_bytes_per_token / 2**20:7.1f} {ttft['layer-wise']:17.3f} {ttft['send-after']:17.3f}")
-    print("(one thread per process, CPU shared with whatever else runs: compare the columns)")
+mc = ModelConfig.from_dir(resolve_model("smollm2-135m"))
+kv_bytes_per_token = 2 * mc.num_hidden_layers * mc.num_key_value_heads * mc.head_dim * 4
+g = torch.Generator().manual_seed(0)
+rows = []
+for n in (128, 512):
+    prompt = torch.randint(100, mc.vocab_size - 100, (n,), generator=g).tolist()
+    times = {name: [] for name in clusters}
+    for repeat in range(2):
+        for name, llm in clusters.items():
+            prompt_r = [repeat + 1] + prompt  # a fresh first block: no prefix-cache hit
+            times[name].append(ttft(llm, prompt_r))
+    rows.append((n, {name: statistics.median(t) for name, t in times.items()}))
+print(f"{'prompt':>6} {'KV MiB':>7} {'TTFT layer-wise s':>17} {'TTFT send-after s':>17}")
+for n, ttft in rows:
+    print(f"{n:>6} {n * kv_bytes_per_token / 2**20:7.1f} {ttft['layer-wise']:17.3f} {ttft['send-after']:17.3f}")
+print("(one thread per process, CPU shared with whatever else runs: compare the columns)")
 
 # %%
-if __name__ == "__main__":
-    for llm in clusters.values():
-        llm.close()
+for llm in clusters.values():
+    llm.close()
 
 # %% [markdown]
 # ## What to read next

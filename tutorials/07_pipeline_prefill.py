@@ -23,7 +23,6 @@
 
 # %%
 import atexit
-from importlib import import_module
 import statistics
 import time
 
@@ -38,12 +37,16 @@ CHUNK = 128  # max_num_batched_tokens: a prompt of n tokens is prefilled in ceil
 # the engine settings of every deployment below; one thread per process
 settings = dict(device="cpu", num_kv_blocks=96, block_size=16, max_num_batched_tokens=CHUNK, num_threads=1,
                 kv_transfer_timeout=60.0)
-if __name__ == "__main__":  # spawned instance processes re-run this file's top level (chapter 6)
-    print(f"30 layers over 2 stages: {[(r.start, r.stop - 1) for r in (stage_layers(30, 2, s) for s in range(2))]}")
-    print(f"30 layers over 4 stages: {[len(stage_layers(30, 4, s)) for s in range(4)]} layers each")
+print(f"30 layers over 2 stages: {[(r.start, r.stop - 1) for r in (stage_layers(30, 2, s) for s in range(2))]}")
+print(f"30 layers over 4 stages: {[len(stage_layers(30, 4, s)) for s in range(4)]} layers each")
 
 
-ttft = import_module("06_disaggregation").ttft  # chapter 6's time to first token, as the caller sees it
+def ttft(llm: LLM, prompt: list[int]) -> float:
+    """Chapter 6's time to first token, as the caller sees it: the request ends with that token."""
+    start = time.perf_counter()
+    out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)[0]
+    assert out.finish_reason == "length", f"no first token: {out.finish_reason}"
+    return time.perf_counter() - start
 
 
 # %% [markdown]
@@ -53,17 +56,15 @@ ttft = import_module("06_disaggregation").ttft  # chapter 6's time to first toke
 # processes (stage 0: layers 0-14, stage 1: layers 15-29) and one decode process; the other
 # deployment is chapter 6's 1 prefill + 1 decode. `LLM.generate` drives a cluster the way it
 # drives an in-process engine (chapter 4). Every process gets one thread, so on a machine with
-# at least two free cores the two stages really run at the same time. (Spawned processes re-run
-# this file's top level: the working cells are under `if __name__ == "__main__":`, see chapter 6.)
+# at least two free cores the two stages really run at the same time.
 
 # %%
-if __name__ == "__main__":
-    t0 = time.perf_counter()
-    clusters = {"1 stage": LLM(prefill_instances=1, decode_instances=1, **settings),
-                "2 stages": LLM(prefill_instances=1, decode_instances=1, pipeline_stages=2, **settings)}
-    for llm in clusters.values():
-        atexit.register(llm.close)  # stop the processes even if a check below fails
-    print(f"started 2 clusters (5 processes) in {time.perf_counter() - t0:.1f} s")
+t0 = time.perf_counter()
+clusters = {"1 stage": LLM(prefill_instances=1, decode_instances=1, **settings),
+            "2 stages": LLM(prefill_instances=1, decode_instances=1, pipeline_stages=2, **settings)}
+for llm in clusters.values():
+    atexit.register(llm.close)  # stop the processes even if a check below fails
+print(f"started 2 clusters (5 processes) in {time.perf_counter() - t0:.1f} s")
 
 # %% [markdown]
 # ## Check: pipelined prefill computes what plain prefill computes
@@ -72,15 +73,14 @@ if __name__ == "__main__":
 # 1-stage cluster, and through an in-process `Engine` with the same chunk size must agree.
 
 # %%
-if __name__ == "__main__":
-    tok = clusters["1 stage"].tokenizer
-    prompt = tok.encode("Once upon a time, " * 60)[:300]
-    greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
-    reference = LLM(**settings).generate([prompt], greedy, use_tqdm=False)[0].token_ids  # one engine, in process
-    for name, llm in clusters.items():
-        tokens = llm.generate([prompt], greedy, use_tqdm=False)[0].token_ids
-        assert tokens == reference, (name, tokens, reference)
-    print(f"{len(prompt)}-token prompt in {-(-len(prompt) // CHUNK)} chunks: engine, 1 stage and 2 stages agree")
+tok = clusters["1 stage"].tokenizer
+prompt = tok.encode("Once upon a time, " * 60)[:300]
+greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+reference = LLM(**settings).generate([prompt], greedy, use_tqdm=False)[0].token_ids  # one engine, in process
+for name, llm in clusters.items():
+    tokens = llm.generate([prompt], greedy, use_tqdm=False)[0].token_ids
+    assert tokens == reference, (name, tokens, reference)
+print(f"{len(prompt)}-token prompt in {-(-len(prompt) // CHUNK)} chunks: engine, 1 stage and 2 stages agree")
 
 # %% [markdown]
 # ## Measurement: TTFT of a short and a long prompt
@@ -92,26 +92,24 @@ if __name__ == "__main__":
 # the median is shown. The ideal speed-up with S stages and C chunks is C x S / (C + S - 1).
 
 # %%
-if __name__ == "__main__":
-    g = torch.Generator().manual_seed(0)
-    print(f"{'prompt':>6} {'chunks':>6} {'TTFT 1 stage s':>14} {'TTFT 2 stages s':>15} {'speed-up':>8} {'ideal':>5}")
-    for n in (CHUNK, 4 * CHUNK):
-        prompt = torch.randint(100, tok.vocab_size - 100, (n,), generator=g).tolist()
-        times = {name: [] for name in clusters}
-        for repeat in range(2):
-            for name, llm in clusters.items():
-                prompt_r = [repeat + 1] + prompt[1:]  # a fresh first block: no prefix-cache hit
-                times[name].append(ttft(llm, prompt_r))
-        one, two = statistics.median(times["1 stage"]), statistics.median(times["2 stages"])
-        chunks = -(-n // CHUNK)
-        print(f"{n:>6} {chunks:>6} {one:14.2f} {two:15.2f} {one / two:8.2f} {chunks * 2 / (chunks + 1):5.2f}")
-    print("(one thread per process; with fewer than 3 free cores, or other work on the CPU, the stages "
-          "share cores and single runs scatter around the ideal, both ways)")
+g = torch.Generator().manual_seed(0)
+print(f"{'prompt':>6} {'chunks':>6} {'TTFT 1 stage s':>14} {'TTFT 2 stages s':>15} {'speed-up':>8} {'ideal':>5}")
+for n in (CHUNK, 4 * CHUNK):
+    prompt = torch.randint(100, tok.vocab_size - 100, (n,), generator=g).tolist()
+    times = {name: [] for name in clusters}
+    for repeat in range(2):
+        for name, llm in clusters.items():
+            prompt_r = [repeat + 1] + prompt[1:]  # a fresh first block: no prefix-cache hit
+            times[name].append(ttft(llm, prompt_r))
+    one, two = statistics.median(times["1 stage"]), statistics.median(times["2 stages"])
+    chunks = -(-n // CHUNK)
+    print(f"{n:>6} {chunks:>6} {one:14.2f} {two:15.2f} {one / two:8.2f} {chunks * 2 / (chunks + 1):5.2f}")
+print("(one thread per process; with fewer than 3 free cores, or other work on the CPU, the stages "
+      "share cores and single runs scatter around the ideal, both ways)")
 
 # %%
-if __name__ == "__main__":
-    for llm in clusters.values():
-        llm.close()
+for llm in clusters.values():
+    llm.close()
 
 # %% [markdown]
 # ## What to read next
