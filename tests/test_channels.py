@@ -31,11 +31,11 @@ def wait_for_sends(sender: KVSender, limit: float = 20.0) -> list:
     return failed
 
 
-def landed(k, v, block_ids: list[int], src: int, src_block_ids: list[int], layers) -> bool:
-    """The blocks `block_ids` hold what rank `src` sent from its blocks `src_block_ids`."""
+def landed(k, v, block_ids: list[int], src: int, src_block_ids: list[int]) -> bool:
+    """The blocks `block_ids` hold, in every layer, what rank `src` sent from its blocks `src_block_ids`."""
     sent_k, sent_v = caches(src)
     return all(torch.equal(k[i][block_ids].cpu(), sent_k[i][src_block_ids])
-               and torch.equal(v[i][block_ids].cpu(), sent_v[i][src_block_ids]) for i in layers)
+               and torch.equal(v[i][block_ids].cpu(), sent_v[i][src_block_ids]) for i in range(NUM_LAYERS))
 
 
 def both_ways(rank, results):
@@ -50,8 +50,7 @@ def both_ways(rank, results):
         sender.send_layer(10 + rank, peer, layer, 0, [2, 3], k[layer], v[layer])
     done, failed = poll_until_settled(receiver)
     names = (channels.to(peer).group_name, channels.from_(peer).group_name)
-    results.put((rank, (done, failed, wait_for_sends(sender), landed(k, v, [6, 7], peer, [2, 3], range(NUM_LAYERS)),
-                        names)))
+    results.put((rank, (done, failed, wait_for_sends(sender), landed(k, v, [6, 7], peer, [2, 3]), names)))
     dist.barrier()  # the peer may still be receiving
 
 
@@ -111,7 +110,7 @@ def fetch_from_each_other(rank, results):
     fetched = [bm.cached.get(key) for key in block_keys(prompt(peer), BLOCK_SIZE)]
     holders = [None, None]
     dist.all_gather_object(holders, held.block_table[:4])
-    arrived = None not in fetched and landed(k, v, fetched, peer, holders[peer], range(NUM_LAYERS))
+    arrived = None not in fetched and landed(k, v, fetched, peer, holders[peer])
     results.put((rank, (payloads, arrived, wait_for_sends(sender), fetcher.num_fetched_blocks)))
     dist.barrier()
 
@@ -145,7 +144,7 @@ def decode_gpu_keeps_computing(rank, results):
         receiver.expect(2, block_ids=[3, 4], first_block=0, sources=[0])
         sender.send_layer(1, 0, 0, 0, [0], k[0], v[0])  # the go signal
         done, failed = poll_until_settled(receiver, limit=30)
-        results.put(("decode", (computed_s, done, failed, landed(k, v, [3, 4], 0, [7, 8], range(NUM_LAYERS)))))
+        results.put(("decode", (computed_s, done, failed, landed(k, v, [3, 4], 0, [7, 8]))))
     else:
         receiver.expect(1, block_ids=[5], first_block=0, sources=[1])
         go, _ = poll_until_settled(receiver, limit=30)
@@ -183,7 +182,7 @@ def sender_dies(rank, results):
     done, failed = poll_until_settled(receiver, limit=40)
     time.sleep(2.0)  # a watchdog that tears the process down would have done so by now
     alive = torch.ones(1, device="cuda").add_(1).item() == 2
-    results.put(("decode", (done, failed, landed(k, v, [6], 0, [5], range(NUM_LAYERS)), alive)))
+    results.put(("decode", (done, failed, landed(k, v, [6], 0, [5]), alive)))
 
 
 @two_gpus

@@ -14,16 +14,18 @@ order), and one user thread per group: receives in the thread that reads their s
 from the main thread. Each direction carries one kind of stream, in order (NCCL has no tags).
 On CUDA each receive thread posts and waits on a stream of its own and hands each payload over
 with an event that the compute stream waits for (`_store`); sends go on the compute stream after
-their payload copy and are awaited on their waiter thread's stream. gloo: the same code, no streams.
+their payload copy and are awaited on their waiter thread's stream. On gloo: the same code
+without streams.
 
 Faults on NCCL, by construction (read from ProcessGroupNCCL; none of the CUDA path has run on a
 GPU yet): every wait has a timeout, so a failed or late operation raises in the thread that
 waits, after aborting only its communicator, and `NCCL_ENV` keeps the watchdog from ending the
 process; a dead peer's transfers fail, the process lives on. Untested without two GPUs (the
-CUDA tests in tests/test_channels.py): that a posted receive leaves the compute stream's kernels
-and the other direction's sends alone, that NCCL reports a peer that died while idle (else its transfers fail by the silence
-timeout), and that an abort returns while the peer is dead (if it hangs, ProcessGroupNCCL's
-heartbeat monitor ends the process after TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC).
+CUDA tests in tests/test_channels.py): that a posted receive leaves the compute stream's
+kernels and the other direction's sends alone, that NCCL reports a peer that died while idle
+(else its transfers fail by the silence timeout), and that an abort returns while the peer is
+dead (if it hangs, ProcessGroupNCCL's heartbeat monitor ends the process after
+TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC).
 """
 import os
 import queue
