@@ -15,7 +15,8 @@ from the main thread. Each direction carries one kind of stream, in order (NCCL 
 On CUDA each receive thread posts and waits on a stream of its own and hands each payload over
 with an event that the compute stream waits for (`_store`); sends go on the compute stream after
 their payload copy and are awaited on their waiter thread's stream. On gloo: the same code
-without streams.
+without streams. Once channels are open, nothing may synchronise the whole device
+(torch.cuda.synchronize): that waits for the posted receives, i.e. for the next request.
 
 Faults on NCCL, by construction (read from ProcessGroupNCCL; none of the CUDA path has run on a
 GPU yet): every wait has a timeout, so a failed or late operation raises in the thread that
