@@ -21,6 +21,7 @@ import torch
 from minicake.disagg.migration import BlockFetcher, FetchBlocks, FetchReply, holder_send
 from minicake.disagg.transfer import KVSender, open_channels
 from minicake.engine import StepOutput
+from minicake.model.runner import FlatBatch
 from minicake.sampling import sample, to_device
 from minicake.conductor.live import HeldKeys
 from minicake.sched.sequence import Sequence
@@ -185,10 +186,10 @@ class PrefillInstance(Instance):
 
     # --- the engine's step calls these (Engine.serve_as_prefill): stage 0 only -----------------
 
-    def begin(self, seqs: list[Sequence], positions, meta) -> None:
-        """The step as a StageBatch: the blocks each request completes now are sent."""
+    def begin(self, seqs: list[Sequence], flat: FlatBatch) -> None:
+        """The step (the runner's host lists) as a StageBatch: the blocks each request completes now are sent."""
         bm, layerwise = self.engine.block_manager, self.engine.config.kv_transfer_layerwise
-        query_start_loc = meta.query_start_loc.tolist()
+        query_start_loc = flat.query_start_loc
         sends, samples = [], []
         for i, seq in enumerate(seqs):
             prefill = self.requests[seq.request_id][1]
@@ -203,9 +204,8 @@ class PrefillInstance(Instance):
             if done:
                 samples.append(SampleRow(query_start_loc[i + 1] - 1, prefill.transfer_id, prefill.decode_rank,
                                          seq.params, seq.num_cached_tokens))
-        self.batch = StageBatch([seq.request_id for seq in seqs], positions.tolist(), query_start_loc,
-                                meta.context_lens.tolist(), meta.block_tables.tolist(), meta.slot_mapping.tolist(),
-                                sends, samples, layerwise)
+        self.batch = StageBatch([seq.request_id for seq in seqs], flat.positions, query_start_loc, flat.context_lens,
+                                flat.block_tables, flat.slot_mapping, sends, samples, layerwise)
 
     def after_layer(self, layer: int) -> None:
         self.runner.after_layer(self.batch, layer, self._heartbeat)

@@ -122,7 +122,7 @@ def warm_up(model, kv_caches, max_num_seqs: int, max_num_batched_tokens: int, ma
         meta = AttentionMetadata(
             query_start_loc=torch.arange(0, num_tokens + 1, q_len, dtype=torch.int32, device=device),
             context_lens=torch.full((num_seqs,), context_len, dtype=torch.int32, device=device),
-            block_tables=(torch.arange(num_seqs * width, device=device) % num_blocks).to(torch.int32).view(num_seqs, -1),
+            block_tables=(torch.arange(num_seqs * width, device=device) % num_blocks).view(num_seqs, -1).int(),
             slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64, device=device))
         ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
         model.run_layers(model.embed(ids), None, torch.zeros_like(ids), meta, kv_caches)
