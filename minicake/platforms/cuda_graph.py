@@ -91,6 +91,9 @@ class CudaGraphs:
         torch.cuda.synchronize()
 
     def _step(self, bucket: int) -> None:
+        # new views on every call: RoPE's per-step cos/sin (cached by the positions tensor's
+        # identity) is gathered again, so the capture records the gather instead of reusing
+        # what the warm-up step left
         self.logits[:bucket].copy_(logits_of_step(self.model, self.kv_caches, *self.inputs.view(bucket)))
 
     def run(self, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor | None:
