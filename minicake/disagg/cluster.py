@@ -11,6 +11,7 @@ those requests' blocks. The cluster serves on while one whole prefill group and 
 instance live (degraded); after that `add_request` raises `ClusterUnavailable`.
 """
 import itertools
+from collections import Counter
 import logging
 import os
 import queue
@@ -23,7 +24,6 @@ from pathlib import Path
 
 import torch
 
-from minicake.cache.kv_cache import host_kv_budgets
 from minicake.config import EngineConfig
 from minicake.engine import StepOutput, check_request
 from minicake.model.config import ModelConfig
@@ -36,8 +36,10 @@ from minicake.disagg.worker import TOKEN_ENV
 from minicake.conductor.conductor import ConductorConfig
 from minicake.conductor.cost_model import CostModel, calibrate, load_profile
 from minicake.conductor.live import LiveConductor, RequestRejected, SLOUnreachable
-from minicake.disagg.messages import (Abort, Crashed, HeldBlocks, Hello, Mailbox, NewRequest, Outputs, Ready, Setup,
-                                     Shutdown, Stats, error_line)
+from minicake.disagg.messages import (ALIVE_PERIOD_S, PARENT, Abort, Alive, Assign, Crashed, Exited, HeldBlocks, Hello,
+                                     Kill, Launched, Mailbox, NewRequest, Outputs, Ready, Setup, Shutdown, Stats,
+                                     error_line)
+from minicake.disagg.node import Nodes, join_nodes, node_address, size_for_host
 
 START_TIMEOUT_S = 300.0  # every instance loads its model and reports Ready within this
 # An instance reports from its loop between steps (and a prefill instance after every layer), so
@@ -45,6 +47,7 @@ START_TIMEOUT_S = 300.0  # every instance loads its model and reports Ready with
 # bundled model in a colocated or preempting decode engine took 3.1 s on one thread and 19 s on two
 # oversubscribed ones (this 2-core CPU, shared); 60 s is three times that. Raise it for larger models on CPU.
 HEARTBEAT_TIMEOUT_S = 60.0
+NODE_QUIET_S = 1.0  # a node agent reports every ALIVE_PERIOD_S: quieter than this, its silent instances may be its own
 log = logging.getLogger("minicake")
 DEFAULT_PROFILE = str(Path(__file__).parent.parent / "conductor" / "profiles" / "smollm2-135m-cpu.json")
 EMPTY_STATS = {"num_running": 0, "num_waiting": 0, "kv_usage": 0.0, "num_free_blocks": 0, "num_blocks": 0,
@@ -58,14 +61,20 @@ class ClusterUnavailable(RuntimeError):
 class Cluster:
     def __init__(self, config: EngineConfig, prefill_instances: int = 1, decode_instances: int = 1,
                  pipeline_stages: int = 1, colocated: bool = False, conductor: ConductorConfig | None = None,
-                 cost: CostModel | None = None, heartbeat_timeout: float = HEARTBEAT_TIMEOUT_S):
+                 cost: CostModel | None = None, heartbeat_timeout: float = HEARTBEAT_TIMEOUT_S,
+                 nodes: Nodes | None = None):
         """conductor: scheduler and admission policy (default: kvcache routing, no admission
         control); cost: the Conductor's cost profile (default: the one fitted on this machine);
-        heartbeat_timeout: seconds of silence after which an instance is declared hung and killed."""
-        for name, value in (("prefill_instances", prefill_instances), ("decode_instances", decode_instances),
-                            ("pipeline_stages", pipeline_stages)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        heartbeat_timeout: seconds of silence after which an instance is declared hung and killed;
+        nodes: the hosts (node.py; default: this one); the instance counts are this node's."""
+        self.nodes = nodes or Nodes()
+        least = 1 if self.nodes.nnodes == 1 else 0  # with several nodes, this one may run none of a role
+        for name, value, low in (("prefill_instances", prefill_instances, least),
+                                 ("decode_instances", decode_instances, least), ("pipeline_stages", pipeline_stages, 1)):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if colocated and self.nodes.nnodes > 1:
+            raise ValueError("a colocated instance runs on one node: leave out --nnodes")
         if isinstance(heartbeat_timeout, bool) or not isinstance(heartbeat_timeout, (int, float)) or not (
                 1.0 <= heartbeat_timeout < float("inf")):
             raise ValueError(f"heartbeat_timeout must be a number of seconds >= 1, got {heartbeat_timeout!r}")
@@ -79,7 +88,20 @@ class Cluster:
         if pipeline_stages > self.model_config.num_hidden_layers:
             raise ValueError(f"pipeline_stages={pipeline_stages} exceeds the model's "
                              f"{self.model_config.num_hidden_layers} layers")
-        self.specs = _layout(1 if colocated else prefill_instances, decode_instances, pipeline_stages, colocated)
+        self.token = self.nodes.token or secrets.token_hex(16)  # one host: no one else needs it
+        self._mailbox = Mailbox(self.token, *self.nodes.control())
+        try:
+            self._joins = join_nodes(self._mailbox, self.nodes)
+            counts = [(1 if colocated else prefill_instances, decode_instances)]
+            counts += [(j.num_prefill, j.num_decode) for j in self._joins]
+            if not colocated and not (sum(p for p, _ in counts) and sum(d for _, d in counts)):
+                raise ValueError(f"the nodes together run {counts} (prefill, decode) instances: "
+                                 "a cluster needs at least one of each")
+        except BaseException:
+            self._close_nodes()
+            raise
+        self.specs = _layout(sum(p for p, _ in counts), sum(d for _, d in counts), pipeline_stages, colocated)
+        self.node_of = _place(counts, pipeline_stages, colocated)  # rank -> node
         self.prefill_groups = [s.group_ranks for s in self.specs if s.role == "prefill" and s.stage == 0]
         self.decode_ranks = [s.rank for s in self.specs if s.role in ("decode", "colocated")]
         self.conductor_config = conductor or ConductorConfig(block_size=config.block_size)
@@ -96,37 +118,44 @@ class Cluster:
         self._stats = {s.rank: dict(EMPTY_STATS) for s in self.specs}
         self._num_blocks: dict[int, int] = {}
         self._dead: dict[int, str] = {}  # rank -> why
+        self._exited: dict[int, int] = {}  # rank on another node -> its exit code, as its agent reported
         self._closing = False  # set by close(): deaths from then on are expected
+        self._setup_sent = False
         self._stopped = threading.Event()  # the outbox thread ends
-        self._start(config)
+        self.procs: list = []  # this node's instance processes
+        try:
+            self._start(config)
+        except BaseException:
+            self.close()
+            raise
 
     # --- starting and stopping ---------------------------------------------------------
 
     def _start(self, config: EngineConfig) -> None:
-        n, cuda = len(self.specs), config.device != "cpu" and torch.cuda.is_available()
+        local = [s.rank for s in self.specs if self.node_of[s.rank] == 0]
+        per_node = Counter(self.node_of.values())
+        cpus = [os.cpu_count() or 1] + [j.num_cpus for j in self._joins]
+        n, cuda = len(local), config.device != "cpu" and torch.cuda.is_available()
         if cuda and n > torch.cuda.device_count():  # NCCL refuses two ranks on one GPU
             raise ValueError(f"{n} instance processes need {n} GPUs (one each, NCCL), found "
                              f"{torch.cuda.device_count()}: use colocated=True (--colocated) or device='cpu'")
-        threads = config.num_threads or max(1, (os.cpu_count() or 1) // n)
-        configs = [replace(config, num_threads=threads,
-                           device=f"cuda:{s.rank % torch.cuda.device_count()}" if cuda else "cpu",
-                           kv_pool_blocks=config.kv_pool_blocks if _has_pool(s) else 0)
-                   for s in self.specs]
-        if not cuda and config.num_kv_blocks is None and config.kv_cache_memory is None:
-            # the instance processes share this host's memory (refused here, before any starts, if
-            # they do not fit); on CUDA each has a GPU of its own and sizes its cache there
-            budgets = host_kv_budgets(configs, self.model_config, self.max_model_len)
-            configs = [replace(c, kv_cache_memory=b) for c, b in zip(configs, budgets)]
-        self.configs = configs
-        self.token = secrets.token_hex(16)  # one host: no one else needs it
-        self._mailbox = Mailbox(self.token)
-        self.procs = launch("minicake.disagg.worker", [s.rank for s in self.specs], len(self.specs), "127.0.0.1",
-                            free_port(), args=("--control", self._mailbox.address), env={TOKEN_ENV: self.token})
-        try:
-            prefill_timings, decode_timings = self._wait_ready()
-        except BaseException:
-            self.close()
-            raise
+        self.configs = [replace(config, num_threads=config.num_threads or max(1, cpus[k] // per_node[k]),
+                                device=f"cuda:{s.rank % torch.cuda.device_count()}" if cuda else "cpu",
+                                kv_pool_blocks=config.kv_pool_blocks if _has_pool(s) else 0)
+                        for s, k in ((s, self.node_of[s.rank]) for s in self.specs)]
+        sized = size_for_host([self.configs[r] for r in local], self.model_config, self.max_model_len) if local else []
+        for rank, c in zip(local, sized):  # the other nodes size theirs (Launched)
+            self.configs[rank] = c
+        hosts = [self.nodes.bind_addr] + [j.host for j in self._joins]
+        master = (hosts[self.node_of[0]], self.nodes.master_port if self.nodes.nnodes > 1 else free_port())
+        for j in self._joins:
+            ranks = [r for r, k in self.node_of.items() if k == j.node]
+            self._mailbox.send(node_address(j.node), Assign([self.specs[r] for r in ranks],
+                                                            [self.configs[r] for r in ranks], len(self.specs), *master))
+        self.procs = launch("minicake.disagg.worker", local, len(self.specs), *master, env={TOKEN_ENV: self.token},
+                            args=("--control", self._mailbox.address, "--bind-addr", self.nodes.bind_addr)) if local else []
+        self._local = dict(zip(local, self.procs))
+        prefill_timings, decode_timings = self._wait_ready()
         if self.prefill_groups:
             self.cost, report = calibrate(self.cost, prefill_timings, decode_timings)
             log.info("cost profile %s against this machine's start-up timings: %s; the Conductor "
@@ -140,13 +169,18 @@ class Cluster:
         """Every instance's Hello (then each gets its Setup) and Ready; returns their start-up
         (prefill, decode) timings, all ranks together."""
         deadline = time.monotonic() + START_TIMEOUT_S
-        prefill_timings, decode_timings, addresses = [], [], {}
+        prefill_timings, decode_timings, addresses, launched = [], [], {}, set()
         while len(self._num_blocks) < len(self.specs):
             for msg in self._mailbox.receive(timeout=0.5):
                 if isinstance(msg, Hello):
                     addresses[msg.rank] = msg.address
-                    if len(addresses) == len(self.specs):
-                        self._send_setups(addresses)
+                elif isinstance(msg, Launched):  # before its instances said Hello: their configs are in
+                    ranks = [r for r, k in self.node_of.items() if k == msg.node]
+                    for rank, c in zip(ranks, msg.configs):
+                        self.configs[rank] = c
+                    launched.add(msg.node)
+                elif isinstance(msg, Exited):
+                    raise RuntimeError(f"{_name(self.specs[msg.rank])} exited with code {msg.code} while starting")
                 elif isinstance(msg, Ready):
                     self._num_blocks[msg.rank] = msg.num_blocks
                     log.info("rank %d ready: %d KV blocks, kernels: %s", msg.rank, msg.num_blocks, msg.platform)
@@ -154,9 +188,12 @@ class Cluster:
                     decode_timings += msg.decode_timings
                 elif isinstance(msg, Crashed):
                     raise RuntimeError(f"instance rank {msg.rank} failed to start:\n{msg.error}")
-            dead = [(s, p) for s, p in zip(self.specs, self.procs) if p.poll() is not None]
+            if len(addresses) == len(self.specs) and len(launched) == len(self._joins) and not self._setup_sent:
+                self._send_setups(addresses)
+            dead = [(r, p) for r, p in self._local.items() if p.poll() is not None]
             if dead:
-                raise RuntimeError(f"{_name(dead[0][0])} exited with code {dead[0][1].returncode} while starting")
+                raise RuntimeError(f"{_name(self.specs[dead[0][0]])} exited with code {dead[0][1].returncode} "
+                                   "while starting")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"instances did not start within {START_TIMEOUT_S:.0f}s")
         return prefill_timings, decode_timings
@@ -164,6 +201,7 @@ class Cluster:
     def _send_setups(self, addresses: dict[int, str]) -> None:
         """Every rank said Hello: tell each what to run and where its peers listen."""
         self._mailbox.connect(addresses)
+        self._setup_sent = True
         book = [addresses[s.rank] for s in self.specs]
         for spec, config in zip(self.specs, self.configs):
             self._mailbox.send(spec.rank, Setup(spec, config, book))
@@ -181,11 +219,17 @@ class Cluster:
         self._stopped.set()
         if hasattr(self, "_pump_thread"):
             self._pump_thread.join(timeout=1.0)
-        self._mailbox.close()
+        self._close_nodes()
 
     def _send_shutdowns(self) -> None:
         for spec in self.specs:
             self._mailbox.send(spec.rank, Shutdown())
+
+    def _close_nodes(self) -> None:
+        """Tell the node agents to stop their instances and exit, then close the mailbox."""
+        for k in range(1, self.nodes.nnodes):
+            self._mailbox.send(node_address(k), Shutdown())
+        self._mailbox.close()
 
     def __enter__(self):
         return self
@@ -299,7 +343,9 @@ class Cluster:
     # --- the outbox thread -----------------------------------------------------------
 
     def _pump(self) -> None:
-        heard = {s.rank: time.monotonic() for s in self.specs}  # when each instance last sent anything
+        # when each instance (and each other node's agent) last sent anything
+        heard = {a: time.monotonic() for a in [s.rank for s in self.specs] + list(map(node_address, self._agents()))}
+        alive_sent = 0.0
         while not self._stopped.is_set():
             for msg in self._mailbox.receive(timeout=0.1):
                 if msg.rank in self._dead:
@@ -314,20 +360,43 @@ class Cluster:
                         self.conductor.on_keys(self._prefill_index[msg.rank], msg.added, msg.removed)
                 elif isinstance(msg, Crashed):
                     self._on_death(msg.rank, f"{_name(self.specs[msg.rank])} crashed: {error_line(msg.error)}")
+                elif isinstance(msg, Exited):
+                    self._exited[msg.rank] = msg.code
+            if time.monotonic() - alive_sent >= ALIVE_PERIOD_S:  # the other nodes' agents watch node 0 by this
+                for k in self._agents():
+                    self._mailbox.send(node_address(k), Alive(PARENT))
+                alive_sent = time.monotonic()
             if not self._closing:
                 self._watch(heard)
 
+    def _agents(self) -> range:
+        return range(1, self.nodes.nnodes)
+
     def _watch(self, heard: dict[int, float]) -> None:
-        """Declare dead the instances that exited, and those silent for heartbeat_timeout (killed first)."""
-        for spec, p in zip(self.specs, self.procs):
-            if spec.rank in self._dead:
+        """Declare dead the instances that exited, those of a node whose agent went silent, and
+        those silent themselves for heartbeat_timeout (killed first)."""
+        now, timeout = time.monotonic(), self.heartbeat_timeout
+        for spec in self.specs:
+            rank, node = spec.rank, self.node_of[spec.rank]
+            if rank in self._dead:
                 continue
-            if p.poll() is not None:
-                self._on_death(spec.rank, f"{_name(spec)} died with exit code {p.returncode}")
-            elif time.monotonic() - heard[spec.rank] > self.heartbeat_timeout:
-                p.kill()  # SIGKILL works on a stopped process too: it cannot come back half-alive
-                self._on_death(spec.rank, f"{_name(spec)} sent no heartbeat for {self.heartbeat_timeout:g}s: "
-                                          "hung, killed")
+            code = self._local[rank].poll() if node == 0 else self._exited.get(rank)
+            node_silent = now - heard[node_address(node)] if node else 0.0
+            if code is not None:
+                self._on_death(rank, f"{_name(spec)} died with exit code {code}")
+            elif node_silent > timeout:
+                self._on_death(rank, f"{_name(spec)} is gone with node {node} ({self._joins[node - 1].host}): "
+                                     f"its agent sent nothing for {timeout:g}s")
+            elif now - heard[rank] > timeout and node_silent < NODE_QUIET_S:  # a quiet node: its own verdict comes
+                self._kill(rank)
+                self._on_death(rank, f"{_name(spec)} sent no heartbeat for {timeout:g}s: hung, killed")
+
+    def _kill(self, rank: int) -> None:
+        """SIGKILL, which works on a stopped process too: it cannot come back half-alive."""
+        if self.node_of[rank] == 0:
+            self._local[rank].kill()
+        else:
+            self._mailbox.send(node_address(self.node_of[rank]), Kill(rank))
 
     def _deliver(self, outputs: list[StepOutput]) -> None:
         with self._lock:
@@ -372,6 +441,16 @@ def _name(spec: InstanceSpec) -> str:
 def _has_pool(spec: InstanceSpec) -> bool:
     """The host KV pool serves prefill, and follows one block manager: not in pipelined groups."""
     return spec.role == "colocated" or (spec.role == "prefill" and len(spec.group_ranks) == 1)
+
+
+def _place(counts: list[tuple[int, int]], stages: int, colocated: bool) -> dict[int, int]:
+    """Rank -> node, for (prefill, decode) instances per node: in `_layout`'s rank order, node 0's
+    prefill groups, then node 1's ..., then node 0's decode instances, node 1's ..."""
+    if colocated:
+        return {0: 0}
+    prefill = [k for k, (p, _) in enumerate(counts) for _ in range(p * stages)]
+    decode = [k for k, (_, d) in enumerate(counts) for _ in range(d)]
+    return dict(enumerate(prefill + decode))
 
 
 def _layout(num_prefill: int, num_decode: int, stages: int, colocated: bool) -> list[InstanceSpec]:

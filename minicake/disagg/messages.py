@@ -124,6 +124,42 @@ class Crashed:  # instance -> parent: an exception ended the instance loop
     error: str  # one line (error_line); the traceback went to the instance's log
 
 
+@dataclass
+class Join:  # node agent -> node 0 (several hosts, minicake/disagg/node.py): what this node runs
+    node: int
+    num_prefill: int
+    num_decode: int
+    address: str  # the agent's inbox
+    host: str  # the node's address (--bind-addr)
+    num_cpus: int
+
+
+@dataclass
+class Assign:  # node 0 -> node agent: run these ranks
+    specs: list  # InstanceSpec of each
+    configs: list  # EngineConfig of each, KV budget still to size for the node's memory
+    world_size: int
+    master_addr: str  # torch.distributed's store: on the node of rank 0
+    master_port: int
+
+
+@dataclass
+class Launched:  # node agent -> node 0: the configs it sized, before starting their processes
+    node: int
+    configs: list
+
+
+@dataclass
+class Exited:  # node agent -> node 0: one of its instance processes ended
+    rank: int
+    code: int
+
+
+@dataclass
+class Kill:  # node 0 -> node agent: SIGKILL a hung instance
+    rank: int
+
+
 ALIVE_PERIOD_S = 0.25
 LINGER_MS = 2000  # a closing mailbox waits this long for its queued messages to leave
 log = logging.getLogger("minicake.control")

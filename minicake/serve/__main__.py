@@ -24,6 +24,9 @@ from minicake.serve.api import create_app
 from minicake.conductor.conductor import ADMISSIONS, SCHEDULERS, ConductorConfig
 from minicake.conductor.cost_model import load_profile
 from minicake.disagg.cluster import DEFAULT_PROFILE, HEARTBEAT_TIMEOUT_S, Cluster
+from minicake.disagg.node import JOIN_TIMEOUT_S, Nodes
+from minicake.disagg.node import main as node_main
+from minicake.disagg.worker import TOKEN_ENV
 from minicake.serve.dashboard import Dashboard
 from minicake.serve.metrics import ServerMetrics
 
@@ -84,17 +87,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shutdown-grace", type=float, default=10.0,
                    help="seconds running requests get to finish after SIGINT/SIGTERM before they are "
                    "aborted (default: %(default)g)")
+    hosts = p.add_argument_group("several hosts (torchrun's flags; docs/serving.md, Two machines)")
+    hosts.add_argument("--nnodes", type=int, default=1, help="hosts in the cluster (default: %(default)s)")
+    hosts.add_argument("--node-rank", type=int, default=0, help="this host's rank: 0 runs the HTTP server and "
+                       "the Conductor, the others only their --prefill and --decode instances")
+    hosts.add_argument("--master-addr", default="127.0.0.1", help="node 0's address, as the others reach it")
+    hosts.add_argument("--master-port", type=int, default=29500, help="torch.distributed's store; node 0's "
+                       "control plane listens on the next port (default: %(default)s)")
+    hosts.add_argument("--bind-addr", help="this host's address, where its control-plane listeners bind "
+                       "(default: --master-addr on node 0, 127.0.0.1 on the others)")
+    hosts.add_argument("--cluster-token", default=os.environ.get(TOKEN_ENV),
+                       help=f"the secret every node signs its messages with (default: ${TOKEN_ENV})")
+    hosts.add_argument("--join-timeout", type=float, default=JOIN_TIMEOUT_S,
+                       help="seconds node 0 waits for the other nodes to join (default: %(default)g)")
     args = p.parse_args(argv)
     if not 0 <= args.shutdown_grace < math.inf:
         p.error(f"--shutdown-grace must be a finite number of seconds >= 0, got {args.shutdown_grace}")
     if args.admission != "none" and (args.ttft_slo is None or args.tbt_slo is None):
         p.error(f"--admission {args.admission} needs --ttft-slo and --tbt-slo")
+    try:
+        args.nodes = Nodes(args.nnodes, args.node_rank, args.master_addr, args.master_port,
+                           args.bind_addr or (args.master_addr if args.node_rank == 0 else "127.0.0.1"),
+                           args.cluster_token, args.join_timeout)
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 
 def instance_counts(args) -> tuple[int, int, bool]:
     """(prefill, decode, colocated) from the flags and the machine."""
     gpus = torch.cuda.device_count() if args.device in (None, "cuda") else 0
+    if args.nnodes > 1:  # this node's share: it may run no instance of a role
+        return (1 if args.prefill is None else args.prefill), (1 if args.decode is None else args.decode), False
     if args.colocated or args.prefill == 0 or (
             gpus == 1 and args.prefill is None and args.decode is None):
         return 1, 1, True
@@ -168,6 +192,8 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = parse_args(argv)
     prefill, decode, colocated = instance_counts(args)
+    if args.node_rank > 0:  # a node agent: no HTTP server, no Conductor
+        node_main(args.nodes, prefill, decode, args.heartbeat_timeout)
     settings = {k: getattr(args, k) for k in ENGINE_FLAGS if getattr(args, k) is not None}
     try:
         config = EngineConfig(**settings)
@@ -183,8 +209,8 @@ def main(argv=None) -> None:
     try:
         cluster = Cluster(config, prefill_instances=prefill, decode_instances=decode,
                           pipeline_stages=args.pipeline_stages, colocated=colocated, conductor=conductor,
-                          cost=cost, heartbeat_timeout=args.heartbeat_timeout)
-    except (OSError, ValueError) as e:  # a missing or invalid model file: the error names it
+                          cost=cost, heartbeat_timeout=args.heartbeat_timeout, nodes=args.nodes)
+    except (OSError, ValueError, TimeoutError) as e:  # a missing or invalid model file, a node that never joined
         sys.exit(f"error: {e}")
     code = 0
     try:

@@ -1,0 +1,160 @@
+"""Several hosts: node 0 runs the Cluster (HTTP server, Conductor), node k > 0 a small node agent.
+
+Each node is one command with torchrun's flags (`--nnodes`, `--node-rank`, `--master-addr`,
+`--master-port`) and its own `--prefill N --decode M`. A node agent joins node 0's control inbox at
+master-addr:master-port+1 (`Join`: its instance counts, cores and inbox), gets its ranks, specs and
+configs (`Assign`), sizes its instances' KV caches for its own memory (`Launched` returns them),
+starts its instance processes (they say Hello to node 0 directly and join torch.distributed, whose
+store listens on the node of rank 0 at master-port), reports their exits (`Exited`), and stops them
+and exits when node 0 says `Shutdown` or stays silent for the heartbeat timeout. Every message is
+signed with the shared cluster token (codec.py).
+"""
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, replace
+
+import torch
+
+from minicake.cache.kv_cache import host_kv_budgets
+from minicake.disagg.launcher import launch, stop
+from minicake.disagg.messages import (ALIVE_PERIOD_S, PARENT, Alive, Assign, Exited, Join, Kill, Launched, Mailbox,
+                                     Shutdown)
+from minicake.disagg.worker import TOKEN_ENV
+from minicake.model.config import ModelConfig
+from minicake.model.loader import resolve_model
+
+JOIN_TIMEOUT_S = 120.0
+log = logging.getLogger("minicake.node")
+
+
+@dataclass
+class Nodes:
+    """Where a cluster's processes run: `nnodes` hosts, this one `node_rank`; one host by default."""
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"  # node 0's address, as the others reach it
+    master_port: int = 29500  # torch.distributed's store; node 0's control inbox listens at the next port
+    bind_addr: str = "127.0.0.1"  # this node's address: its control-plane listeners bind here
+    token: str | None = None  # shared by every node; None: one host, a fresh one
+    join_timeout: float = JOIN_TIMEOUT_S  # node 0 waits this long for the others to join
+
+    def __post_init__(self):
+        if not (isinstance(self.nnodes, int) and self.nnodes >= 1 and 0 <= self.node_rank < self.nnodes):
+            raise ValueError(f"node_rank must be in [0, nnodes), nnodes >= 1: got node_rank {self.node_rank!r}, "
+                             f"nnodes {self.nnodes!r}")
+        if self.nnodes > 1 and not self.token:
+            raise ValueError("several nodes need a shared cluster token (--cluster-token or MINICAKE_CLUSTER_TOKEN)")
+        if not 0 < self.join_timeout < float("inf"):
+            raise ValueError(f"join_timeout must be a positive number of seconds, got {self.join_timeout!r}")
+
+    def control(self) -> tuple[str, int]:
+        """(host, port) of node 0's control inbox; port 0 (the OS picks) on a single host."""
+        return (self.master_addr, self.master_port + 1) if self.nnodes > 1 else (self.bind_addr, 0)
+
+
+def node_address(node: int) -> int:
+    """The mailbox address of node `node`'s agent (node 0's is the parent's)."""
+    return PARENT - node
+
+
+def join_nodes(mailbox: Mailbox, nodes: Nodes) -> list[Join]:
+    """Node 0: every other node's Join, by node rank; TimeoutError naming the nodes missing."""
+    joined: dict[int, Join] = {}
+    deadline = time.monotonic() + nodes.join_timeout
+    while len(joined) < nodes.nnodes - 1:
+        for msg in mailbox.receive(timeout=0.5):
+            if isinstance(msg, Join) and 0 < msg.node < nodes.nnodes:
+                joined[msg.node] = msg
+                mailbox.connect({node_address(msg.node): msg.address})
+                log.info("node %d joined from %s: %d prefill, %d decode", msg.node, msg.host, msg.num_prefill,
+                         msg.num_decode)
+        if time.monotonic() > deadline:
+            missing = [k for k in range(1, nodes.nnodes) if k not in joined]
+            raise TimeoutError(f"node(s) {', '.join(map(str, missing))} of --nnodes {nodes.nnodes} did not join "
+                               f"within {nodes.join_timeout:g}s: run `python -m minicake.serve --nnodes "
+                               f"{nodes.nnodes} --node-rank K --master-addr {nodes.master_addr} --master-port "
+                               f"{nodes.master_port}` with the same token there")
+    return [joined[k] for k in sorted(joined)]
+
+
+def size_for_host(configs: list, model_config: ModelConfig, max_model_len: int) -> list:
+    """The configs of this host's instance processes with their KV budgets: on a CPU they share
+    the host's memory (refused here, before any starts, if they do not fit); on CUDA each has a
+    GPU of its own and sizes its cache there. An explicit budget or block count is kept."""
+    c = configs[0]
+    if torch.device(c.device or "cpu").type != "cpu" or c.num_kv_blocks is not None or c.kv_cache_memory is not None:
+        return configs
+    budgets = host_kv_budgets(configs, model_config, max_model_len)
+    return [replace(c, kv_cache_memory=b) for c, b in zip(configs, budgets)]
+
+
+def run_node(nodes: Nodes, num_prefill: int, num_decode: int, heartbeat_timeout: float) -> int:
+    """Node k > 0: join node 0, run the instances it assigns, until it says Shutdown (0) or is gone (1)."""
+    me = node_address(nodes.node_rank)
+    mailbox = Mailbox(nodes.token, nodes.bind_addr)
+    control = "tcp://{}:{}".format(*nodes.control())
+    mailbox.connect({PARENT: control})
+    mailbox.send(PARENT, Join(nodes.node_rank, num_prefill, num_decode, mailbox.address, nodes.bind_addr,
+                              os.cpu_count() or 1))
+    log.info("node %d: joining node 0 at %s", nodes.node_rank, control)
+    procs, code = {}, 1
+    try:
+        assign = _wait_for_assign(mailbox, nodes.join_timeout)
+        if assign is None:
+            log.error("node %d: node 0 at %s did not answer within %gs", nodes.node_rank, control, nodes.join_timeout)
+            return 1
+        path = resolve_model(assign.configs[0].model)
+        model_config = ModelConfig.from_dir(path)
+        configs = size_for_host(assign.configs, model_config, assign.configs[0].max_model_len_for(model_config))
+        mailbox.send(PARENT, Launched(nodes.node_rank, configs))
+        ranks = [s.rank for s in assign.specs]
+        procs = dict(zip(ranks, launch("minicake.disagg.worker", ranks, assign.world_size, assign.master_addr,
+                                       assign.master_port, args=("--control", control, "--bind-addr", nodes.bind_addr),
+                                       env={TOKEN_ENV: nodes.token})))
+        log.info("node %d: started ranks %s", nodes.node_rank, ranks)
+        code = _serve(mailbox, me, procs, heartbeat_timeout)
+    except KeyboardInterrupt:  # SIGTERM or Ctrl-C: stop the instances, then exit
+        code = 0
+    finally:
+        stop(list(procs.values()), timeout=10.0)
+        mailbox.close()
+    return code
+
+
+def _wait_for_assign(mailbox: Mailbox, timeout: float) -> Assign | None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for msg in mailbox.receive(timeout=0.5):
+            if isinstance(msg, Assign):
+                return msg
+    return None
+
+
+def _serve(mailbox: Mailbox, me: int, procs: dict, heartbeat_timeout: float) -> int:
+    """Report exits and heartbeats until node 0 says Shutdown (0) or goes silent (1)."""
+    heard, alive_sent, reported = time.monotonic(), 0.0, set()
+    while True:
+        for msg in mailbox.receive(timeout=0.1):
+            heard = time.monotonic()
+            if isinstance(msg, Shutdown):
+                return 0
+            if isinstance(msg, Kill) and msg.rank in procs:
+                procs[msg.rank].kill()
+        for rank, p in procs.items():
+            if rank not in reported and p.poll() is not None:
+                mailbox.send(PARENT, Exited(rank, p.returncode))
+                reported.add(rank)
+        if time.monotonic() - alive_sent >= ALIVE_PERIOD_S:
+            mailbox.send(PARENT, Alive(me))
+            alive_sent = time.monotonic()
+        if time.monotonic() - heard > heartbeat_timeout:
+            log.error("node 0 sent nothing for %gs: gone; stopping this node's instances", heartbeat_timeout)
+            return 1
+
+
+def main(nodes: Nodes, num_prefill: int, num_decode: int, heartbeat_timeout: float) -> None:
+    """`python -m minicake.serve --node-rank K` (K > 0) lands here."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    raise SystemExit(run_node(nodes, num_prefill, num_decode, heartbeat_timeout))
