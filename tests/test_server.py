@@ -4,6 +4,7 @@
 import asyncio
 import json
 import re
+import threading
 import time
 from types import SimpleNamespace
 
@@ -305,6 +306,40 @@ def test_an_unexpected_exception_is_a_500_envelope_that_names_no_server_path(che
         "/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
     assert assert_error(response, 500)["message"] == "internal server error"
     assert __file__ not in response.text
+
+
+def test_concurrent_requests_are_tokenized_in_one_thread_off_the_event_loop(checkpoint):
+    # not in asyncio's default pool, which grows under concurrent clients: each of its threads
+    # gets a malloc arena that keeps the peak of what it tokenized (docs/results.md, Soak)
+    tokenizing_threads = set()
+
+    class RecordingTokenizer(Tokenizer):
+        def encode(self, text, add_special_tokens=True):
+            tokenizing_threads.add(threading.get_ident())
+            return super().encode(text, add_special_tokens)
+
+    class ClusterThatRefusesAll:  # what create_app reads; every request ends at add_request
+        max_model_len = MAX_MODEL_LEN
+        model_config = SimpleNamespace(vocab_size=512)
+        tokenizer = RecordingTokenizer.from_dir(checkpoint)
+
+        def add_request(self, request_id, prompt, params):
+            raise ValueError("this cluster refuses every request")
+
+    async def sixteen_at_once():
+        app = create_app(ClusterThatRefusesAll(), "tiny", ServerMetrics())
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://tiny") as client:
+            return await asyncio.gather(*(
+                client.post("/v1/completions", json={"prompt": f"The quick brown fox {i}"})
+                for i in range(8)), *(
+                client.post("/v1/chat/completions", json={"messages": [
+                    {"role": "user", "content": f"Hi {i}"}]}) for i in range(8)))
+
+    responses = asyncio.run(sixteen_at_once())
+    assert [r.status_code for r in responses] == [400] * 16
+    assert len(tokenizing_threads) == 1
+    assert threading.get_ident() not in tokenizing_threads
 
 
 def test_models_lists_the_served_name_and_health_is_ok(colocated):
