@@ -8,7 +8,9 @@ prefill instances' block-key reports keep the Conductor's view current. A backgr
 watches the processes: when one dies, or sends nothing for `heartbeat_timeout` seconds (hung: it
 is killed), every request it touched finishes with "abort" and an error, and the survivors free
 those requests' blocks. The cluster serves on while one whole prefill group and one decode
-instance live (degraded); after that `add_request` raises `ClusterUnavailable`.
+instance live (degraded); after that `add_request` raises `ClusterUnavailable`. On several hosts
+(node.py) the other nodes' agents start their instances and report their exits, and a node whose
+agent goes silent for `heartbeat_timeout` is gone with its instances.
 """
 import itertools
 from collections import Counter
@@ -211,19 +213,13 @@ class Cluster:
         if self._closing:
             return
         self._closing = True
-        # from a thread: a send to a frozen instance whose pipe is full would block until stop() kills it
-        sender = threading.Thread(target=self._send_shutdowns, name="cluster-shutdown", daemon=True)
-        sender.start()
+        for spec in self.specs:  # a send never blocks, not even to a frozen instance
+            self._mailbox.send(spec.rank, Shutdown())
         stop(self.procs, timeout=10.0)
-        sender.join(timeout=1.0)
         self._stopped.set()
         if hasattr(self, "_pump_thread"):
             self._pump_thread.join(timeout=1.0)
         self._close_nodes()
-
-    def _send_shutdowns(self) -> None:
-        for spec in self.specs:
-            self._mailbox.send(spec.rank, Shutdown())
 
     def _close_nodes(self) -> None:
         """Tell the node agents to stop their instances and exit, then close the mailbox."""
