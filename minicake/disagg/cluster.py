@@ -92,16 +92,7 @@ class Cluster:
                              f"{self.model_config.num_hidden_layers} layers")
         self.token = self.nodes.token or secrets.token_hex(16)  # one host: no one else needs it
         self._mailbox = Mailbox(self.token, *self.nodes.control())
-        try:
-            self._joins = join_nodes(self._mailbox, self.nodes)
-            counts = [(1 if colocated else prefill_instances, decode_instances)]
-            counts += [(j.num_prefill, j.num_decode) for j in self._joins]
-            if not colocated and not (sum(p for p, _ in counts) and sum(d for _, d in counts)):
-                raise ValueError(f"the nodes together run {counts} (prefill, decode) instances: "
-                                 "a cluster needs at least one of each")
-        except BaseException:
-            self._close_nodes()
-            raise
+        counts = self._join((1 if colocated else prefill_instances, decode_instances), colocated)
         self.specs = _layout(sum(p for p, _ in counts), sum(d for _, d in counts), pipeline_stages, colocated)
         self.node_of = _place(counts, pipeline_stages, colocated)  # rank -> node
         self.prefill_groups = [s.group_ranks for s in self.specs if s.role == "prefill" and s.stage == 0]
@@ -132,6 +123,19 @@ class Cluster:
             raise
 
     # --- starting and stopping ---------------------------------------------------------
+
+    def _join(self, here: tuple[int, int], colocated: bool) -> list[tuple[int, int]]:
+        """(prefill, decode) instances of every node, this one first, once the others joined."""
+        try:
+            self._joins = join_nodes(self._mailbox, self.nodes)
+            counts = [here] + [(j.num_prefill, j.num_decode) for j in self._joins]
+            if not colocated and not (sum(p for p, _ in counts) and sum(d for _, d in counts)):
+                raise ValueError(f"the nodes together run {counts} (prefill, decode) instances: "
+                                 "a cluster needs at least one of each")
+        except BaseException:
+            self._close_nodes()
+            raise
+        return counts
 
     def _start(self, config: EngineConfig) -> None:
         local = [s.rank for s in self.specs if self.node_of[s.rank] == 0]

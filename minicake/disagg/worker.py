@@ -42,6 +42,8 @@ def main() -> None:
         setup = wait_for_setup(mailbox)
         assert setup.spec.rank == rank, f"launched as rank {rank} for the instance of rank {setup.spec.rank}"
         mailbox.connect(dict(enumerate(setup.addresses)))
+        if setup.config.num_threads:  # before anything starts a thread pool
+            torch.set_num_threads(setup.config.num_threads)
         cuda = torch.device(setup.config.device or "cpu").type == "cuda"
         if cuda:
             torch.cuda.set_device(setup.config.device)
