@@ -161,6 +161,7 @@ class Kill:  # node 0 -> node agent: SIGKILL a hung instance
 
 
 ALIVE_PERIOD_S = 0.25
+MAX_FRAME_BYTES = 64 * 2**20  # far above any message (a prompt of 128k token ids is under 1 MB)
 LINGER_MS = 2000  # a closing mailbox waits this long for its queued messages to leave
 log = logging.getLogger("minicake.control")
 _PATH = re.compile(r"(?<![\w.~-])(?:/[\w.~+-]+){2,}(?::\d+)?")  # /a/b..., a source line's :123 too
@@ -182,7 +183,8 @@ class Mailbox:
     Peers learn each other's inbox through the parent: an instance tells it `Hello` (its
     address), and the parent sends every instance the whole address book in `Setup`. Every
     message is two frames, an HMAC of the payload with the cluster's token, then the payload
-    (codec.py); one that fails either check is dropped, logged once per sending host and reason.
+    (codec.py); one that fails either check is dropped, logged once per sending host and reason,
+    and a frame over MAX_FRAME_BYTES ends its sender's connection.
     A send never blocks: ZeroMQ queues for a peer that is slow or not connected yet. A dead peer
     gives no EOF, as a pipe did: the parent sees deaths by watching processes and heartbeats.
     """
@@ -191,6 +193,7 @@ class Mailbox:
         self.token = token.encode()
         self.context = zmq.Context()
         self.inbox = self.context.socket(zmq.PULL)
+        self.inbox.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)  # ZeroMQ drops a peer that sends more
         if port:
             self.inbox.bind(f"tcp://{host}:{port}")
         else:
@@ -238,7 +241,7 @@ class Mailbox:
     def _check(self, frames):
         """The message the frames carry, or None (logged) when they are not from the cluster."""
         if len(frames) != 2:
-            reason = f"{len(frames)} frame(s), not 2"
+            reason = "not the 2 frames of a message"
         elif not codec.verify(self.token, frames[1].bytes, frames[0].bytes):
             reason = "bad signature: not signed with this cluster's token"
         else:
