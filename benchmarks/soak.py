@@ -177,8 +177,8 @@ def rss_by_process(server: psutil.Process) -> dict[str, int]:
     for p in [server] + server.children(recursive=True):
         try:
             cmdline = " ".join(p.cmdline())
-            role = ("server" if p.pid == server.pid else "resource tracker" if "resource_tracker" in cmdline
-                    else "instance" if "spawn_main" in cmdline else p.name())
+            role = ("server" if p.pid == server.pid else "instance" if "minicake.disagg.worker" in cmdline
+                    else p.name())
             rss[f"{role} {p.pid}"] = p.memory_info().rss
         except psutil.NoSuchProcess:
             continue  # it ended between the listing and the reading
