@@ -33,15 +33,12 @@ from minicake.model.loader import check_weight_files, resolve_model
 from minicake.model.tokenizer import Tokenizer
 from minicake.sampling import SamplingParams
 from minicake.disagg.instance import InstanceSpec
-from minicake.disagg.launcher import free_port, launch, stop
-from minicake.disagg.worker import TOKEN_ENV
 from minicake.conductor.conductor import ConductorConfig
 from minicake.conductor.cost_model import CostModel, calibrate, load_profile
 from minicake.conductor.live import LiveConductor, RequestRejected, SLOUnreachable
-from minicake.disagg.messages import (ALIVE_PERIOD_S, PARENT, Abort, Alive, Assign, Crashed, Exited, HeldBlocks, Hello,
-                                     Kill, Launched, Mailbox, NewRequest, Outputs, Ready, Setup, Shutdown, Stats,
+from minicake.disagg.messages import (Abort, Crashed, Exited, HeldBlocks, Mailbox, NewRequest, Outputs, Stats,
                                      error_line)
-from minicake.disagg.node import Nodes, join_nodes, node_address, size_for_host
+from minicake.disagg.node import Nodes, Processes, close_nodes, join_nodes, size_for_host
 
 START_TIMEOUT_S = 300.0  # every instance loads its model and reports Ready within this
 # An instance reports from its loop between steps (and a prefill instance after every layer), so
@@ -49,7 +46,6 @@ START_TIMEOUT_S = 300.0  # every instance loads its model and reports Ready with
 # bundled model in a colocated or preempting decode engine took 3.1 s on one thread and 19 s on two
 # oversubscribed ones (this 2-core CPU, shared); 60 s is three times that. Raise it for larger models on CPU.
 HEARTBEAT_TIMEOUT_S = 60.0
-NODE_QUIET_S = 1.0  # a node agent reports every ALIVE_PERIOD_S: quieter than this, its silent instances may be its own
 log = logging.getLogger("minicake")
 DEFAULT_PROFILE = str(Path(__file__).parent.parent / "conductor" / "profiles" / "smollm2-135m-cpu.json")
 EMPTY_STATS = {"num_running": 0, "num_waiting": 0, "kv_usage": 0.0, "num_free_blocks": 0, "num_blocks": 0,
@@ -111,11 +107,9 @@ class Cluster:
         self._stats = {s.rank: dict(EMPTY_STATS) for s in self.specs}
         self._num_blocks: dict[int, int] = {}
         self._dead: dict[int, str] = {}  # rank -> why
-        self._exited: dict[int, int] = {}  # rank on another node -> its exit code, as its agent reported
         self._closing = False  # set by close(): deaths from then on are expected
-        self._setup_sent = False
         self._stopped = threading.Event()  # the outbox thread ends
-        self.procs: list = []  # this node's instance processes
+        self._processes = Processes(self.nodes, self._mailbox, self.specs, self.node_of, self._joins)
         try:
             self._start(config)
         except BaseException:
@@ -133,9 +127,14 @@ class Cluster:
                 raise ValueError(f"the nodes together run {counts} (prefill, decode) instances: "
                                  "a cluster needs at least one of each")
         except BaseException:
-            self._close_nodes()
+            close_nodes(self._mailbox, self.nodes)
             raise
         return counts
+
+    @property
+    def procs(self) -> list:
+        """This node's instance processes, by rank."""
+        return list(self._processes.local.values())
 
     def _start(self, config: EngineConfig) -> None:
         local = [s.rank for s in self.specs if self.node_of[s.rank] == 0]
@@ -152,16 +151,13 @@ class Cluster:
         sized = size_for_host([self.configs[r] for r in local], self.model_config, self.max_model_len) if local else []
         for rank, c in zip(local, sized):  # the other nodes size theirs (Launched)
             self.configs[rank] = c
-        hosts = [self.nodes.bind_addr] + [j.host for j in self._joins]
-        master = (hosts[self.node_of[0]], self.nodes.master_port if self.nodes.nnodes > 1 else free_port())
-        for j in self._joins:
-            ranks = [r for r, k in self.node_of.items() if k == j.node]
-            self._mailbox.send(node_address(j.node), Assign([self.specs[r] for r in ranks],
-                                                            [self.configs[r] for r in ranks], len(self.specs), *master))
-        self.procs = launch("minicake.disagg.worker", local, len(self.specs), *master, env={TOKEN_ENV: self.token},
-                            args=("--control", self._mailbox.address, "--bind-addr", self.nodes.bind_addr)) if local else []
-        self._local = dict(zip(local, self.procs))
-        prefill_timings, decode_timings = self._wait_ready()
+        self._processes.start(self.configs, self.token)
+        prefill_timings, decode_timings = [], []
+        for msg in self._processes.wait_ready(self.configs, START_TIMEOUT_S):
+            self._num_blocks[msg.rank] = msg.num_blocks
+            log.info("rank %d ready: %d KV blocks, kernels: %s", msg.rank, msg.num_blocks, msg.platform)
+            prefill_timings += msg.prefill_timings
+            decode_timings += msg.decode_timings
         if self.prefill_groups:
             self.cost, report = calibrate(self.cost, prefill_timings, decode_timings)
             log.info("cost profile %s against this machine's start-up timings: %s; the Conductor "
@@ -171,65 +167,16 @@ class Cluster:
         self._pump_thread = threading.Thread(target=self._pump, name="cluster-outbox", daemon=True)
         self._pump_thread.start()
 
-    def _wait_ready(self) -> tuple[list, list]:
-        """Every instance's Hello (then each gets its Setup) and Ready; returns their start-up
-        (prefill, decode) timings, all ranks together."""
-        deadline = time.monotonic() + START_TIMEOUT_S
-        prefill_timings, decode_timings, addresses, launched = [], [], {}, set()
-        while len(self._num_blocks) < len(self.specs):
-            for msg in self._mailbox.receive(timeout=0.5):
-                if isinstance(msg, Hello):
-                    addresses[msg.rank] = msg.address
-                elif isinstance(msg, Launched):  # before its instances said Hello: their configs are in
-                    ranks = [r for r, k in self.node_of.items() if k == msg.node]
-                    for rank, c in zip(ranks, msg.configs):
-                        self.configs[rank] = c
-                    launched.add(msg.node)
-                elif isinstance(msg, Exited):
-                    raise RuntimeError(f"{_name(self.specs[msg.rank])} exited with code {msg.code} while starting")
-                elif isinstance(msg, Ready):
-                    self._num_blocks[msg.rank] = msg.num_blocks
-                    log.info("rank %d ready: %d KV blocks, kernels: %s", msg.rank, msg.num_blocks, msg.platform)
-                    prefill_timings += msg.prefill_timings
-                    decode_timings += msg.decode_timings
-                elif isinstance(msg, Crashed):
-                    raise RuntimeError(f"instance rank {msg.rank} failed to start:\n{msg.error}")
-            if len(addresses) == len(self.specs) and len(launched) == len(self._joins) and not self._setup_sent:
-                self._send_setups(addresses)
-            dead = [(r, p) for r, p in self._local.items() if p.poll() is not None]
-            if dead:
-                raise RuntimeError(f"{_name(self.specs[dead[0][0]])} exited with code {dead[0][1].returncode} "
-                                   "while starting")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"instances did not start within {START_TIMEOUT_S:.0f}s")
-        return prefill_timings, decode_timings
-
-    def _send_setups(self, addresses: dict[int, str]) -> None:
-        """Every rank said Hello: tell each what to run and where its peers listen."""
-        self._mailbox.connect(addresses)
-        self._setup_sent = True
-        book = [addresses[s.rank] for s in self.specs]
-        for spec, config in zip(self.specs, self.configs):
-            self._mailbox.send(spec.rank, Setup(spec, config, book))
-
     def close(self) -> None:
         """End every instance process; returns within a bounded time whatever their state."""
         if self._closing:
             return
         self._closing = True
-        for spec in self.specs:  # a send never blocks, not even to a frozen instance
-            self._mailbox.send(spec.rank, Shutdown())
-        stop(self.procs, timeout=10.0)
+        self._processes.stop()
         self._stopped.set()
         if hasattr(self, "_pump_thread"):
             self._pump_thread.join(timeout=1.0)
-        self._close_nodes()
-
-    def _close_nodes(self) -> None:
-        """Tell the node agents to stop their instances and exit, then close the mailbox."""
-        for k in range(1, self.nodes.nnodes):
-            self._mailbox.send(node_address(k), Shutdown())
-        self._mailbox.close()
+        close_nodes(self._mailbox, self.nodes)
 
     def __enter__(self):
         return self
@@ -343,9 +290,7 @@ class Cluster:
     # --- the outbox thread -----------------------------------------------------------
 
     def _pump(self) -> None:
-        # when each instance (and each other node's agent) last sent anything
-        heard = {a: time.monotonic() for a in [s.rank for s in self.specs] + list(map(node_address, self._agents()))}
-        alive_sent = 0.0
+        heard = {a: time.monotonic() for a in self._processes.addresses()}  # when each last sent anything
         while not self._stopped.is_set():
             for msg in self._mailbox.receive(timeout=0.1):
                 if msg.rank in self._dead:
@@ -359,44 +304,13 @@ class Cluster:
                     with self._lock:
                         self.conductor.on_keys(self._prefill_index[msg.rank], msg.added, msg.removed)
                 elif isinstance(msg, Crashed):
-                    self._on_death(msg.rank, f"{_name(self.specs[msg.rank])} crashed: {error_line(msg.error)}")
-                elif isinstance(msg, Exited):
-                    self._exited[msg.rank] = msg.code
-            if time.monotonic() - alive_sent >= ALIVE_PERIOD_S:  # the other nodes' agents watch node 0 by this
-                for k in self._agents():
-                    self._mailbox.send(node_address(k), Alive(PARENT))
-                alive_sent = time.monotonic()
+                    self._on_death(msg.rank, f"{self.specs[msg.rank].name} crashed: {error_line(msg.error)}")
+                elif isinstance(msg, Exited):  # from a node agent
+                    self._processes.exited[msg.rank] = msg.code
+            self._processes.heartbeat()
             if not self._closing:
-                self._watch(heard)
-
-    def _agents(self) -> range:
-        return range(1, self.nodes.nnodes)
-
-    def _watch(self, heard: dict[int, float]) -> None:
-        """Declare dead the instances that exited, those of a node whose agent went silent, and
-        those silent themselves for heartbeat_timeout (killed first)."""
-        now, timeout = time.monotonic(), self.heartbeat_timeout
-        for spec in self.specs:
-            rank, node = spec.rank, self.node_of[spec.rank]
-            if rank in self._dead:
-                continue
-            code = self._local[rank].poll() if node == 0 else self._exited.get(rank)
-            node_silent = now - heard[node_address(node)] if node else 0.0
-            if code is not None:
-                self._on_death(rank, f"{_name(spec)} died with exit code {code}")
-            elif node_silent > timeout:
-                self._on_death(rank, f"{_name(spec)} is gone with node {node} ({self._joins[node - 1].host}): "
-                                     f"its agent sent nothing for {timeout:g}s")
-            elif now - heard[rank] > timeout and node_silent < NODE_QUIET_S:  # a quiet node: its own verdict comes
-                self._kill(rank)
-                self._on_death(rank, f"{_name(spec)} sent no heartbeat for {timeout:g}s: hung, killed")
-
-    def _kill(self, rank: int) -> None:
-        """SIGKILL, which works on a stopped process too: it cannot come back half-alive."""
-        if self.node_of[rank] == 0:
-            self._local[rank].kill()
-        else:
-            self._mailbox.send(node_address(self.node_of[rank]), Kill(rank))
+                for rank, reason in self._processes.deaths(heard, self.heartbeat_timeout, self._dead):
+                    self._on_death(rank, reason)
 
     def _deliver(self, outputs: list[StepOutput]) -> None:
         with self._lock:
@@ -432,10 +346,6 @@ class Cluster:
                 if r not in self._dead:
                     self._mailbox.send(r, Abort(rid))
             self._outputs.put(StepOutput.aborted(rid, 0, reason))
-
-
-def _name(spec: InstanceSpec) -> str:
-    return f"{spec.role} instance (rank {spec.rank})"
 
 
 def _has_pool(spec: InstanceSpec) -> bool:

@@ -34,6 +34,10 @@ class InstanceSpec:
     # single-stage prefill: the other prefill instances it may pull prefix blocks from
     decode_ranks: tuple[int, ...] = ()  # prefill: every decode rank (each may wait for its K/V)
 
+    @property
+    def name(self) -> str:
+        return f"{self.role} instance (rank {self.rank})"
+
 
 class Instance:
     """The loop shared by all roles; a role fills in `handle`, `work` and `busy`."""

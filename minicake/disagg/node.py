@@ -1,4 +1,5 @@
-"""Several hosts: node 0 runs the Cluster (HTTP server, Conductor), node k > 0 a small node agent.
+"""Where the instance processes run: node 0 starts and watches them all (`Processes`), on several
+hosts through a small node agent on each other node (`run_node`).
 
 Each node is one command with torchrun's flags (`--nnodes`, `--node-rank`, `--master-addr`,
 `--master-port`) and its own `--prefill N --decode M`. A node agent joins node 0's control inbox at
@@ -7,25 +8,27 @@ configs (`Assign`), sizes its instances' KV caches for its own memory (`Launched
 starts its instance processes (they say Hello to node 0 directly and join torch.distributed, whose
 store listens on the node of rank 0 at master-port), reports their exits (`Exited`), and stops them
 and exits when node 0 says `Shutdown` or stays silent for the heartbeat timeout. Every message is
-signed with the shared cluster token (codec.py).
+signed with the shared cluster token (codec.py). On one host `Processes` launches every rank itself.
 """
 import logging
 import os
 import signal
+import subprocess
 import time
 from dataclasses import dataclass, replace
 
 import torch
 
 from minicake.cache.kv_cache import host_kv_budgets
-from minicake.disagg.launcher import launch, stop
-from minicake.disagg.messages import (ALIVE_PERIOD_S, PARENT, Alive, Assign, Exited, Join, Kill, Launched, Mailbox,
-                                     Shutdown)
+from minicake.disagg.launcher import free_port, launch, stop
+from minicake.disagg.messages import (ALIVE_PERIOD_S, PARENT, Alive, Assign, Crashed, Exited, Hello, Join, Kill,
+                                     Launched, Mailbox, Ready, Setup, Shutdown)
 from minicake.disagg.worker import TOKEN_ENV
 from minicake.model.config import ModelConfig
 from minicake.model.loader import resolve_model
 
 JOIN_TIMEOUT_S = 120.0
+NODE_QUIET_S = 1.0  # a node agent reports every ALIVE_PERIOD_S: quieter than this, its silent instances may be its own
 log = logging.getLogger("minicake.node")
 
 
@@ -77,6 +80,121 @@ def join_nodes(mailbox: Mailbox, nodes: Nodes) -> list[Join]:
                                f"{nodes.nnodes} --node-rank K --master-addr {nodes.master_addr} --master-port "
                                f"{nodes.master_port}` with the same token there")
     return [joined[k] for k in sorted(joined)]
+
+
+def close_nodes(mailbox: Mailbox, nodes: Nodes) -> None:
+    """Tell the node agents to stop their instances and exit, then close the mailbox."""
+    for k in range(1, nodes.nnodes):
+        mailbox.send(node_address(k), Shutdown())
+    mailbox.close()
+
+
+class Processes:
+    """Node 0's side of every instance process, wherever it runs: it starts this node's (`launch`)
+    and has the other nodes' agents start theirs (`Assign`), sends each its `Setup` once all said
+    Hello, tells which died or went silent, and stops them."""
+
+    def __init__(self, nodes: Nodes, mailbox: Mailbox, specs: list, node_of: dict[int, int], joins: list[Join]):
+        self.nodes, self.mailbox, self.specs, self.node_of, self.joins = nodes, mailbox, specs, node_of, joins
+        self.local: dict[int, subprocess.Popen] = {}  # this node's, by rank
+        self.exited: dict[int, int] = {}  # rank on another node -> its exit code, as its agent reported
+        self._alive_sent = 0.0
+
+    def ranks_on(self, node: int) -> list[int]:
+        return [r for r, k in self.node_of.items() if k == node]
+
+    def start(self, configs: list, token: str) -> None:
+        """Start this node's instances; the other nodes' agents start theirs on Assign."""
+        hosts = [self.nodes.bind_addr] + [j.host for j in self.joins]
+        master = (hosts[self.node_of[0]], self.nodes.master_port if self.nodes.nnodes > 1 else free_port())
+        for j in self.joins:
+            ranks = self.ranks_on(j.node)
+            self.mailbox.send(node_address(j.node), Assign([self.specs[r] for r in ranks], [configs[r] for r in ranks],
+                                                           len(self.specs), *master))
+        local = self.ranks_on(0)
+        if local:
+            procs = launch("minicake.disagg.worker", local, len(self.specs), *master, env={TOKEN_ENV: token},
+                           args=("--control", self.mailbox.address, "--bind-addr", self.nodes.bind_addr))
+            self.local = dict(zip(local, procs))
+
+    def wait_ready(self, configs: list, timeout: float) -> list[Ready]:
+        """Every instance's Ready, by rank. Each says Hello first, and gets its Setup once all have
+        and the other nodes sized their configs (Launched). RuntimeError if one fails to start."""
+        deadline = time.monotonic() + timeout
+        ready, addresses, launched, setup_sent = {}, {}, set(), False
+        while len(ready) < len(self.specs):
+            for msg in self.mailbox.receive(timeout=0.5):
+                if isinstance(msg, Hello):
+                    addresses[msg.rank] = msg.address
+                elif isinstance(msg, Launched):
+                    for rank, config in zip(self.ranks_on(msg.node), msg.configs):
+                        configs[rank] = config
+                    launched.add(msg.node)
+                elif isinstance(msg, Exited):
+                    self.exited[msg.rank] = msg.code
+                elif isinstance(msg, Ready):
+                    ready[msg.rank] = msg
+                elif isinstance(msg, Crashed):
+                    raise RuntimeError(f"instance rank {msg.rank} failed to start:\n{msg.error}")
+            if not setup_sent and len(addresses) == len(self.specs) and len(launched) == len(self.joins):
+                self.mailbox.connect(addresses)
+                book = [addresses[s.rank] for s in self.specs]
+                for spec in self.specs:
+                    self.mailbox.send(spec.rank, Setup(spec, configs[spec.rank], book))
+                setup_sent = True
+            for spec in self.specs:
+                if self.exit_code(spec.rank) is not None:
+                    raise RuntimeError(f"{spec.name} exited with code {self.exit_code(spec.rank)} while starting")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"instances did not start within {timeout:.0f}s")
+        return [ready[s.rank] for s in self.specs]
+
+    def exit_code(self, rank: int) -> int | None:
+        return self.local[rank].poll() if self.node_of[rank] == 0 else self.exited.get(rank)
+
+    def addresses(self) -> list[int]:
+        """The mailbox addresses whose silence `deaths` judges: every rank, every node agent."""
+        return [s.rank for s in self.specs] + [node_address(k) for k in range(1, self.nodes.nnodes)]
+
+    def deaths(self, heard: dict[int, float], timeout: float, dead) -> list[tuple[int, str]]:
+        """(rank, why) of each instance not in `dead` that exited, is gone with its node (its agent
+        silent for `timeout`), or was silent itself for `timeout` (then it is killed)."""
+        found, now = [], time.monotonic()
+        for spec in self.specs:
+            rank, node = spec.rank, self.node_of[spec.rank]
+            if rank in dead:
+                continue
+            code = self.exit_code(rank)
+            node_silent = now - heard[node_address(node)] if node else 0.0
+            if code is not None:
+                found.append((rank, f"{spec.name} died with exit code {code}"))
+            elif node_silent > timeout:
+                found.append((rank, f"{spec.name} is gone with node {node} ({self.joins[node - 1].host}): "
+                                    f"its agent sent nothing for {timeout:g}s"))
+            elif now - heard[rank] > timeout and node_silent < NODE_QUIET_S:  # a quiet node: its own verdict comes
+                self.kill(rank)
+                found.append((rank, f"{spec.name} sent no heartbeat for {timeout:g}s: hung, killed"))
+        return found
+
+    def kill(self, rank: int) -> None:
+        """SIGKILL, which works on a stopped process too: it cannot come back half-alive."""
+        if self.node_of[rank] == 0:
+            self.local[rank].kill()
+        else:
+            self.mailbox.send(node_address(self.node_of[rank]), Kill(rank))
+
+    def heartbeat(self) -> None:
+        """Tell the node agents, every ALIVE_PERIOD_S, that node 0 is alive (else they stop)."""
+        if time.monotonic() - self._alive_sent >= ALIVE_PERIOD_S:
+            for k in range(1, self.nodes.nnodes):
+                self.mailbox.send(node_address(k), Alive(PARENT))
+            self._alive_sent = time.monotonic()
+
+    def stop(self) -> None:
+        """Shutdown to every instance; this node's processes end within a bounded time."""
+        for spec in self.specs:  # a send never blocks, not even to a frozen instance
+            self.mailbox.send(spec.rank, Shutdown())
+        stop(list(self.local.values()), timeout=10.0)
 
 
 def size_for_host(configs: list, model_config: ModelConfig, max_model_len: int) -> list:
