@@ -30,10 +30,10 @@ from minicake.cache.block_keys import block_keys
 from minicake.config import EngineConfig
 from minicake.sampling import SamplingParams
 from minicake.conductor.conductor import SCHEDULERS, ConductorConfig, Request
-from minicake.conductor.cost_model import load_profile
+from minicake.conductor.cost_model import CPU_PROFILE, load_profile
 from minicake.sim.simulator import SimConfig, Simulator
 from minicake.sim.trace import TRACE_BLOCK_SIZE, TraceEntry, parse_line
-from minicake.disagg.cluster import DEFAULT_PROFILE, Cluster
+from minicake.disagg.cluster import Cluster
 from minicake.traces import open_trace
 
 SIMS = ("sim", "sim_alone")  # simulated with the instances sharing the cores, and as if each had its own
@@ -154,7 +154,7 @@ def main() -> None:
     p.add_argument("--max-output", type=int, default=8)
     p.add_argument("--num-kv-blocks", type=int, default=2048)
     p.add_argument("--kv-pool-blocks", type=int, default=2048)
-    p.add_argument("--profile", default=DEFAULT_PROFILE)
+    p.add_argument("--profile", default=CPU_PROFILE)
     p.add_argument("--schedulers", default=",".join(SCHEDULERS))
     p.add_argument("--no-decode-entry", dest="decode_entry", action="store_false",
                    help="simulate without the instance loops' step granularity (SimConfig.decode_entry and "

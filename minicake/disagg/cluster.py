@@ -22,9 +22,7 @@ import threading
 import time
 from dataclasses import replace
 
-from pathlib import Path
 
-import torch
 
 from minicake.config import EngineConfig
 from minicake.engine import StepOutput, check_request
@@ -34,11 +32,11 @@ from minicake.model.tokenizer import Tokenizer
 from minicake.sampling import SamplingParams
 from minicake.disagg.instance import InstanceSpec
 from minicake.conductor.conductor import ConductorConfig
-from minicake.conductor.cost_model import CostModel, calibrate, load_profile
+from minicake.conductor.cost_model import CostModel, calibrate, default_profile
 from minicake.conductor.live import LiveConductor, RequestRejected, SLOUnreachable
 from minicake.disagg.messages import (Abort, Crashed, Exited, HeldBlocks, Mailbox, NewRequest, Outputs, Stats,
                                      error_line)
-from minicake.disagg.node import Nodes, Processes, close_nodes, join_nodes, size_for_host
+from minicake.disagg.node import Nodes, Processes, close_nodes, join_nodes, fit_to_host
 
 START_TIMEOUT_S = 300.0  # every instance loads its model and reports Ready within this
 # An instance reports from its loop between steps (and a prefill instance after every layer), so
@@ -47,7 +45,6 @@ START_TIMEOUT_S = 300.0  # every instance loads its model and reports Ready with
 # oversubscribed ones (this 2-core CPU, shared); 60 s is three times that. Raise it for larger models on CPU.
 HEARTBEAT_TIMEOUT_S = 60.0
 log = logging.getLogger("minicake")
-DEFAULT_PROFILE = str(Path(__file__).parent.parent / "conductor" / "profiles" / "smollm2-135m-cpu.json")
 EMPTY_STATS = {"num_running": 0, "num_waiting": 0, "kv_usage": 0.0, "num_free_blocks": 0, "num_blocks": 0,
                "prefix_queries_tokens": 0, "prefix_hits_tokens": 0, "num_preemptions": 0}
 
@@ -62,7 +59,8 @@ class Cluster:
                  cost: CostModel | None = None, heartbeat_timeout: float = HEARTBEAT_TIMEOUT_S,
                  nodes: Nodes | None = None):
         """conductor: scheduler and admission policy (default: kvcache routing, no admission
-        control); cost: the Conductor's cost profile (default: the one fitted on this machine);
+        control); cost: the Conductor's cost profile (default: conductor/cost_model.py default_profile, the
+        analytic profile of a known GPU or the bundled model's CPU fit; rescaled at start-up either way);
         heartbeat_timeout: seconds of silence after which an instance is declared hung and killed;
         nodes: the hosts (node.py; default: this one); the instance counts are this node's."""
         self.nodes = nodes or Nodes()
@@ -97,7 +95,7 @@ class Cluster:
         if self.conductor_config.block_size != config.block_size:
             raise ValueError(f"the Conductor's block_size ({self.conductor_config.block_size}) must equal the "
                              f"engine's ({config.block_size}): both name blocks by the same keys")
-        self.cost = cost or load_profile(DEFAULT_PROFILE)
+        self.cost = cost  # None: the default profile of this node's device (_start)
         self.conductor: LiveConductor | None = None  # built once the decode instances said how big they are
         self._prefill_index = {r: i for i, g in enumerate(self.prefill_groups) for r in g}  # rank -> instance
         self._transfer_ids = itertools.count(1)
@@ -140,17 +138,15 @@ class Cluster:
         local = [s.rank for s in self.specs if self.node_of[s.rank] == 0]
         per_node = Counter(self.node_of.values())
         cpus = [os.cpu_count() or 1] + [j.num_cpus for j in self._joins]
-        n, cuda = len(local), config.device != "cpu" and torch.cuda.is_available()
-        if cuda and n > torch.cuda.device_count():  # NCCL refuses two ranks on one GPU
-            raise ValueError(f"{n} instance processes need {n} GPUs (one each, NCCL), found "
-                             f"{torch.cuda.device_count()}: use colocated=True (--colocated) or device='cpu'")
+        # a prefill instance never runs a decode step: it captures no decode graphs
         self.configs = [replace(config, num_threads=config.num_threads or max(1, cpus[k] // per_node[k]),
-                                device=f"cuda:{s.rank % torch.cuda.device_count()}" if cuda else "cpu",
+                                enforce_eager=config.enforce_eager or s.role == "prefill",
                                 kv_pool_blocks=config.kv_pool_blocks if _has_pool(s) else 0)
                         for s, k in ((s, self.node_of[s.rank]) for s in self.specs)]
-        sized = size_for_host([self.configs[r] for r in local], self.model_config, self.max_model_len) if local else []
-        for rank, c in zip(local, sized):  # the other nodes size theirs (Launched)
+        placed = fit_to_host([self.configs[r] for r in local], self.model_config, self.max_model_len) if local else []
+        for rank, c in zip(local, placed):  # the other nodes place theirs (Launched)
             self.configs[rank] = c
+        self.cost = self.cost or default_profile(placed[0].device if placed else "cpu", self.model_config)
         self._processes.start(self.configs, self.token)
         prefill_timings, decode_timings = [], []
         for msg in self._processes.wait_ready(self.configs, START_TIMEOUT_S):

@@ -17,8 +17,6 @@ import subprocess
 import time
 from dataclasses import dataclass, replace
 
-import torch
-
 from minicake.cache.kv_cache import host_kv_budgets
 from minicake.disagg.launcher import free_port, launch, stop
 from minicake.disagg.messages import (ALIVE_PERIOD_S, PARENT, Alive, Assign, Crashed, Exited, Hello, Join, Kill,
@@ -26,6 +24,7 @@ from minicake.disagg.messages import (ALIVE_PERIOD_S, PARENT, Alive, Assign, Cra
 from minicake.disagg.worker import TOKEN_ENV
 from minicake.model.config import ModelConfig
 from minicake.model.loader import resolve_model
+from minicake.platforms.devices import assign_devices
 
 JOIN_TIMEOUT_S = 120.0
 NODE_QUIET_S = 1.0  # a node agent reports every ALIVE_PERIOD_S: quieter than this, its silent instances may be its own
@@ -197,12 +196,15 @@ class Processes:
         stop(list(self.local.values()), timeout=10.0)
 
 
-def size_for_host(configs: list, model_config: ModelConfig, max_model_len: int) -> list:
-    """The configs of this host's instance processes with their KV budgets: on a CPU they share
-    the host's memory (refused here, before any starts, if they do not fit); on CUDA each has a
-    GPU of its own and sizes its cache there. An explicit budget or block count is kept."""
+def fit_to_host(configs: list, model_config: ModelConfig, max_model_len: int) -> list:
+    """The configs of this host's instance processes, in rank order, placed on this host: a GPU
+    each (assign_devices: a one-line error where there are too few), and on a CPU their KV
+    budgets, which share the host's memory (refused here, before any starts, if they do not fit;
+    on CUDA each sizes its cache on its own GPU). An explicit budget or block count is kept."""
+    devices = assign_devices(configs[0].device, len(configs))
+    configs = [replace(c, device=d) for c, d in zip(configs, devices)]
     c = configs[0]
-    if torch.device(c.device or "cpu").type != "cpu" or c.num_kv_blocks is not None or c.kv_cache_memory is not None:
+    if devices[0] != "cpu" or c.num_kv_blocks is not None or c.kv_cache_memory is not None:
         return configs
     budgets = host_kv_budgets(configs, model_config, max_model_len)
     return [replace(c, kv_cache_memory=b) for c, b in zip(configs, budgets)]
@@ -225,7 +227,7 @@ def run_node(nodes: Nodes, num_prefill: int, num_decode: int, heartbeat_timeout:
             return 1
         path = resolve_model(assign.configs[0].model)
         model_config = ModelConfig.from_dir(path)
-        configs = size_for_host(assign.configs, model_config, assign.configs[0].max_model_len_for(model_config))
+        configs = fit_to_host(assign.configs, model_config, assign.configs[0].max_model_len_for(model_config))
         mailbox.send(PARENT, Launched(nodes.node_rank, configs))
         ranks = [s.rank for s in assign.specs]
         procs = dict(zip(ranks, launch("minicake.disagg.worker", ranks, assign.world_size, assign.master_addr,

@@ -23,7 +23,7 @@ from minicake.config import KERNELS, EngineConfig
 from minicake.serve.api import create_app
 from minicake.conductor.conductor import ADMISSIONS, SCHEDULERS, ConductorConfig
 from minicake.conductor.cost_model import load_profile
-from minicake.disagg.cluster import DEFAULT_PROFILE, HEARTBEAT_TIMEOUT_S, Cluster
+from minicake.disagg.cluster import HEARTBEAT_TIMEOUT_S, Cluster
 from minicake.disagg.node import JOIN_TIMEOUT_S, Nodes
 from minicake.disagg.node import main as node_main
 from minicake.disagg.worker import TOKEN_ENV
@@ -79,8 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--admission", choices=ADMISSIONS, default="none",
                    help="admission control (docs/design.md, Admission control); a refused request gets HTTP 429 "
                    "(judged against --ttft-slo and --tbt-slo)")
-    p.add_argument("--profile", default=DEFAULT_PROFILE,
-                   help="the Conductor's cost profile (benchmarks/fit_cost_model.py writes one)")
+    p.add_argument("--profile", help="the Conductor's cost profile, a JSON file benchmarks/fit_cost_model.py "
+                   "writes (default: the analytic profile of a known GPU, else the bundled model's CPU fit)")
     p.add_argument("--heartbeat-timeout", type=float, default=HEARTBEAT_TIMEOUT_S,
                    help="seconds an instance may go silent before it is declared hung and killed "
                    "(default: %(default)g; raise it where one engine step takes longer)")
@@ -203,7 +203,7 @@ def main(argv=None) -> None:
     try:
         conductor = ConductorConfig(scheduler=args.scheduler, admission=args.admission,
                                     block_size=config.block_size, **slos)
-        cost = load_profile(args.profile)
+        cost = load_profile(args.profile) if args.profile else None
     except ValueError as e:
         sys.exit(f"error: {e}")
     try:
