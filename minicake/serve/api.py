@@ -46,10 +46,10 @@ def create_app(cluster, served_model_name: str, metrics: ServerMetrics) -> FastA
     cluster (and closes it after the server stops)."""
     frontend = Frontend(cluster, metrics)
     # One thread tokenizes every request, not asyncio's default pool: under concurrent clients
-    # that pool grows to min(32, cores + 4) threads, glibc gives threads that allocate at the same
-    # time arenas of their own, and each arena keeps the peak of the longest prompt tokenized in
-    # it. The server's RSS grew by tens of MB that way; with this one thread it stays flat
-    # (docs/results.md, Soak). One thread tokenizes a 100 000-character prompt in about 30 ms.
+    # that pool grows to min(32, cores + 4) threads, glibc gives each new thread an arena of its
+    # own, and each arena keeps the peak of the longest prompt tokenized in it. The server's RSS
+    # grew 33 MB that way; with this one thread it stays flat (docs/results.md, Soak). One thread
+    # tokenizes a 100 000-character prompt in about 30 ms.
     tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
 
     async def in_tokenizer_thread(fn, *args):
