@@ -130,7 +130,8 @@ def main():
     for row in rows:
         table.add_row(*(str(row.get(col, "")) for col in columns))
     Console(width=200).print(table)
-    print(json.dumps(dict(bench="triton_kernel_registers", triton=triton.__version__, rows=rows)))
+    print(json.dumps(dict(bench="triton_kernel_registers", triton=triton.__version__,
+                          num_specialisations=len(SPECIALISATIONS), archs=[f"sm_{a}" for a in ARCHS], rows=rows)))
 
 
 if __name__ == "__main__":
