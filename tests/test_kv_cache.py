@@ -50,8 +50,8 @@ def test_a_layout_that_does_not_fit_the_host_is_refused_naming_the_numbers():
 
 
 def test_a_cluster_that_does_not_fit_is_refused_before_any_process_starts(tiny_checkpoint, monkeypatch):
-    from minicake.disagg import cluster
-    monkeypatch.setattr(cluster, "launch", lambda *args, **kwargs: pytest.fail("an instance process was started"))
+    from minicake.disagg import cluster, node
+    monkeypatch.setattr(node, "launch", lambda *args, **kwargs: pytest.fail("an instance process was started"))
     config = EngineConfig(model=str(tiny_checkpoint("llama")), device="cpu", kv_cache_fraction=1e-9)
     with pytest.raises(ValueError, match="do not fit in this host's memory.*raise kv_cache_fraction"):
         cluster.Cluster(config, prefill_instances=2, decode_instances=2)
