@@ -5,8 +5,7 @@ the blocks of a prefix this instance already holds, and only then asks its prefi
 start, saying which blocks not to send. When all layers have arrived and the last prefill
 stage sent the first token, the sequence joins the engine's running batch through
 `Engine.add_prefilled`, as soon as fewer than `max_num_seqs` run, and the ordinary
-`Engine.step()` decodes it. A failed or silent transfer, or a request whose sampling state cannot be built,
-aborts only its own request, with the reason.
+`Engine.step()` decodes it. A failed or silent transfer aborts only its own request, with the reason.
 """
 import time
 from collections import deque
