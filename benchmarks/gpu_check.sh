@@ -19,9 +19,11 @@
 # pyzmq, ...), it installs them into /tmp/site first. The repository runs in place (no pip install)
 # and writes nowhere but /tmp. Logs go to GPU_CHECK_LOGS (default: a new folder under /tmp).
 #   bash benchmarks/gpu_check.sh 2>&1 | tee gpu_check.log
-# On a lent machine that reaches no network (this workplace's device tool), after gpu_wheels.sh:
-#   run(command='set -o pipefail; bash benchmarks/gpu_check.sh 2>&1 | tee $OUT/gpu_check.log',
-#       carry=[".whl"], timeout_s=600)
+# On a lent machine that reaches no network (this workplace's device tool), after gpu_wheels.sh;
+# a lent machine has 15 device minutes in all, its start included, so the first call keeps the
+# budget short enough to leave room for one rerun after a fix:
+#   run(command='set -o pipefail; GPU_CHECK_BUDGET_S=330 bash benchmarks/gpu_check.sh 2>&1 | tee $OUT/gpu_check.log',
+#       carry=[".whl"], timeout_s=360)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DEADLINE=$((SECONDS + ${GPU_CHECK_BUDGET_S:-540}))  # the parts' kill grace (10 s) fits in the rest of 600
