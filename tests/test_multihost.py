@@ -14,6 +14,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import time
 
 import httpx
 import msgpack
@@ -117,6 +118,30 @@ def test_node_0_names_a_node_that_never_joins(tiny_checkpoint):
                             capture_output=True, text=True, timeout=120)
     assert node_0.returncode == 1
     assert "node(s) 1 of --nnodes 2 did not join within 2s" in node_0.stderr
+
+
+def test_node_0_names_a_node_that_dies_while_its_instances_start(tiny_checkpoint, tmp_path):
+    token, port = secrets.token_hex(16), free_port()
+    network = ("--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", str(port), "--cluster-token", token)
+    with open(tmp_path / "node1.log", "w") as log:
+        node_1 = subprocess.Popen([sys.executable, "-m", "minicake.serve", *network, "--node-rank", "1",
+                                   "--bind-addr", "127.0.0.2", "--prefill", "0", "--decode", "1"],
+                                  stdout=log, stderr=subprocess.STDOUT)
+    node_0 = subprocess.Popen([sys.executable, "-m", "minicake.serve", "--model", str(tiny_checkpoint("llama")),
+                               "--device", "cpu", *ENGINE_FLAGS, *network, "--node-rank", "0", "--prefill", "1",
+                               "--decode", "0", "--heartbeat-timeout", "3"], stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: any("minicake.disagg.worker" in p.cmdline() for p in psutil.Process(node_1.pid).children()),
+                   60, "node 1 starts its decode instance")
+        time.sleep(1.0)  # its Launched, sent just before, has left for node 0
+        node_1.kill()  # its worker dies with it
+        assert node_0.wait(timeout=60) == 1, "node 0 gives up well before its 300 s start timeout"
+        assert "node 1 (127.0.0.2) went silent while its instances started" in node_0.stderr.read()
+    finally:
+        for p in (node_0, node_1):
+            if p.poll() is None:
+                p.kill()
+            p.wait(timeout=10)
 
 
 def push(address: str, frames: list[bytes]) -> None:

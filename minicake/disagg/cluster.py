@@ -149,7 +149,7 @@ class Cluster:
         self.cost = self.cost or default_profile(placed[0].device if placed else "cpu", self.model_config)
         self._processes.start(self.configs, self.token)
         prefill_timings, decode_timings = [], []
-        for msg in self._processes.wait_ready(self.configs, START_TIMEOUT_S):
+        for msg in self._processes.wait_ready(self.configs, START_TIMEOUT_S, self.heartbeat_timeout):
             self._num_blocks[msg.rank] = msg.num_blocks
             log.info("rank %d ready: %d KV blocks, kernels: %s", msg.rank, msg.num_blocks, msg.platform)
             prefill_timings += msg.prefill_timings

@@ -116,11 +116,12 @@ class Processes:
                            args=("--control", self.mailbox.address, "--bind-addr", self.nodes.bind_addr))
             self.local = dict(zip(local, procs))
 
-    def wait_ready(self, configs: list, timeout: float) -> list[Ready]:
+    def wait_ready(self, configs: list, timeout: float, silence: float) -> list[Ready]:
         """Every instance's Ready, by rank. Each says Hello first, and gets its Setup once all have
-        and the other nodes sized their configs (Launched). RuntimeError if one fails to start."""
+        and the other nodes sized their configs (Launched). RuntimeError if one fails to start, or
+        if a node that launched its instances sends nothing for `silence` seconds (it is gone)."""
         deadline = time.monotonic() + timeout
-        ready, addresses, launched, setup_sent = {}, {}, set(), False
+        ready, addresses, launched, setup_sent = {}, {}, {}, False  # launched: node -> last heard
         while len(ready) < len(self.specs):
             for msg in self.mailbox.receive(timeout=0.5):
                 if isinstance(msg, Hello):
@@ -128,7 +129,9 @@ class Processes:
                 elif isinstance(msg, Launched):
                     for rank, config in zip(self.ranks_on(msg.node), msg.configs):
                         configs[rank] = config
-                    launched.add(msg.node)
+                    launched[msg.node] = time.monotonic()
+                elif isinstance(msg, Alive) and msg.rank < PARENT:  # a node agent's (node_address), once launched
+                    launched[PARENT - msg.rank] = time.monotonic()
                 elif isinstance(msg, Exited):
                     self.exited[msg.rank] = msg.code
                 elif isinstance(msg, Ready):
@@ -144,6 +147,10 @@ class Processes:
             for spec in self.specs:
                 if self.exit_code(spec.rank) is not None:
                     raise RuntimeError(f"{spec.name} exited with code {self.exit_code(spec.rank)} while starting")
+            for node, heard in launched.items():
+                if time.monotonic() - heard > silence:
+                    raise RuntimeError(f"node {node} ({self.joins[node - 1].host}) went silent while its instances "
+                                       f"started: its agent sent nothing for {silence:g}s")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"instances did not start within {timeout:.0f}s")
         return [ready[s.rank] for s in self.specs]
