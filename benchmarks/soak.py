@@ -16,7 +16,6 @@ import asyncio
 import itertools
 import json
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,8 @@ import psutil
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.table import Table
+
+from minicake.disagg.launcher import free_port
 
 START_TIMEOUT_S = 600  # the bundled model is converted on first use; instances start on busy cores
 REQUEST_TIMEOUT_S = 180  # a request that takes longer is an unexpected error
@@ -54,12 +55,6 @@ BAD_REQUESTS = [  # (path, JSON body or raw bytes): each must get a 4xx
 
 class Unexpected(Exception):
     """A response the server should not have given; the message says what came back."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(flags: list[str], port: int, log_path: str) -> subprocess.Popen:

@@ -128,7 +128,7 @@ class Engine:
         return None
 
     def _max_blocks_per_seq(self) -> int:
-        return min(self.kv_caches[0][0].shape[0], -(-self.max_model_len // self.config.block_size))
+        return min(self.kv_caches[0][0].shape[0], self.block_manager.blocks_needed(self.max_model_len))
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Sequence:
         """Queue a request and return its sequence; raises ValueError, having changed nothing, if

@@ -5,7 +5,6 @@ listens. Its output is kept so that a failing start shows why.
 """
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -14,13 +13,9 @@ import httpx
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
+from minicake.disagg.launcher import free_port
+
 START_TIMEOUT_S = 300  # spawning instance processes on 2 busy cores takes a while
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerProcess:

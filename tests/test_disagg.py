@@ -138,12 +138,12 @@ def test_decode_instance_keeps_prompt_blocks_and_receives_only_the_missing_ones(
 def test_abort_frees_the_request_on_every_instance(clusters):
     for cluster in (clusters["1P+1D"], clusters["2-stage+1D"]):
         cluster.add_request("long", prompts()[3], SamplingParams(temperature=0, max_tokens=150, ignore_eos=True))
-        while not cluster.get_outputs(timeout=10):
-            pass
+        assert cluster.get_outputs(timeout=30), "no token within 30s"
         cluster.abort_request("long")
-        outs = []
+        outs, deadline = [], time.monotonic() + 30
         while not any(o.request_id == "long" and o.finished for o in outs):
-            outs += cluster.get_outputs(timeout=10)
+            assert time.monotonic() < deadline, "the abort is reported within 30s"
+            outs += cluster.get_outputs(timeout=1)
         assert outs[-1].finish_reason == "abort"
         stats = settled_stats(cluster)
         assert all(s["num_free_blocks"] == s["num_blocks"] for s in stats), stats

@@ -13,7 +13,7 @@ import torch
 from minicake.disagg.cluster import Cluster
 from minicake.sampling import SamplingParams
 from test_disagg import prompts, run, settled_stats, tiny_config
-from test_faults import rank_pid, wait_finished, wait_until
+from test_faults import rank_pid, start_generating, wait_finished, wait_until
 
 COMPILED = os.environ.get("TRITON_INTERPRET") == "0"
 
@@ -33,27 +33,29 @@ def greedy_tokens(cluster: Cluster) -> dict:
     return {rid: tokens for rid, (tokens, _, _) in results.items()}
 
 
+@pytest.fixture(scope="module")
+def colocated_tokens(tiny_checkpoint) -> dict:
+    """The colocated engine's greedy tokens on one GPU: the reference of every layout."""
+    need_gpus(1)
+    with Cluster(gpu_config(tiny_checkpoint), colocated=True) as colocated:
+        return greedy_tokens(colocated)
+
+
 @pytest.mark.parametrize("layout, num_gpus", [({"prefill_instances": 1}, 2), ({"prefill_instances": 2}, 3),
                                               ({"pipeline_stages": 2}, 3)], ids=["1P+1D", "2P+1D", "2-stage+1D"])
-def test_nccl_clusters_give_the_colocated_engines_greedy_tokens(tiny_checkpoint, layout, num_gpus):
+def test_nccl_clusters_give_the_colocated_engines_greedy_tokens(tiny_checkpoint, colocated_tokens, layout, num_gpus):
     need_gpus(num_gpus)
-    with Cluster(gpu_config(tiny_checkpoint), colocated=True) as colocated:
-        expected = greedy_tokens(colocated)
     with Cluster(gpu_config(tiny_checkpoint), decode_instances=1, **layout) as cluster:
-        assert greedy_tokens(cluster) == expected
+        assert greedy_tokens(cluster) == colocated_tokens
         assert all(s["num_free_blocks"] == s["num_blocks"] for s in settled_stats(cluster)), "every block returned"
 
 
 def test_a_killed_decode_instance_aborts_its_requests_and_the_prefill_instance_lives_on(tiny_checkpoint):
     need_gpus(2)
     with Cluster(gpu_config(tiny_checkpoint, kv_transfer_timeout=3.0), prefill_instances=1) as cluster:
-        params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
-        for i, p in enumerate(prompts()[:3]):
-            cluster.add_request(f"r{i}", p, params)
-        while not cluster.get_outputs(timeout=10):  # generation has begun
-            pass
+        request_ids = start_generating(cluster)
         os.kill(rank_pid(cluster, "decode"), signal.SIGKILL)
-        finished = wait_finished(cluster, {"r0", "r1", "r2"}, limit=10)
+        finished = wait_finished(cluster, request_ids, limit=10)
         assert {o.finish_reason for o in finished.values()} == {"abort"}
         prefill = next(s for s in settled_stats(cluster) if s["role"] == "prefill")
         assert prefill["alive"] and prefill["num_free_blocks"] == prefill["num_blocks"]

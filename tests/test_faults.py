@@ -56,6 +56,15 @@ def wait_until(condition, limit: float, what: str) -> None:
         time.sleep(0.05)
 
 
+def start_generating(cluster: Cluster, num_requests: int = 3) -> set[str]:
+    """Greedy requests of 200 tokens, returned once the first tokens came back (generation has begun)."""
+    params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+    for i, p in enumerate(prompts()[:num_requests]):
+        cluster.add_request(f"r{i}", p, params)
+    assert cluster.get_outputs(timeout=30), "no token within 30s"
+    return {f"r{i}" for i in range(num_requests)}
+
+
 def start(tiny_checkpoint, timeout: float = TIMEOUT_S, **cluster_args) -> Cluster:
     return Cluster(tiny_config(tiny_checkpoint("llama"), kv_transfer_timeout=timeout), **cluster_args)
 
@@ -70,14 +79,10 @@ def decode_stats(cluster: Cluster) -> dict:
 
 def test_killing_the_decode_instance_mid_generation_aborts_its_requests(tiny_checkpoint):
     with start(tiny_checkpoint) as cluster:
-        params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
-        for i, p in enumerate(prompts()[:3]):
-            cluster.add_request(f"r{i}", p, params)
-        while not cluster.get_outputs(timeout=10):  # generation has begun
-            pass
+        request_ids = start_generating(cluster)
         os.kill(rank_pid(cluster, "decode"), signal.SIGKILL)
         start_time = time.monotonic()
-        finished = wait_finished(cluster, {"r0", "r1", "r2"}, limit=TIMEOUT_S + 5)
+        finished = wait_finished(cluster, request_ids, limit=TIMEOUT_S + 5)
         assert time.monotonic() - start_time < TIMEOUT_S + 5
         assert {o.finish_reason for o in finished.values()} == {"abort"}
         assert all("decode instance (rank 1) died" in o.error for o in finished.values())
@@ -184,8 +189,7 @@ def test_with_one_of_two_prefill_instances_dead_the_cluster_serves_on_degraded(t
     with start(tiny_checkpoint, prefill_instances=2) as cluster:
         params = SamplingParams(temperature=0, max_tokens=240, ignore_eos=True)
         cluster.add_request("decoding", prompts()[0], params)  # the Conductor picks rank 0: both idle
-        while not cluster.get_outputs(timeout=10):  # prefilled: it needs the decode instance only
-            pass
+        assert cluster.get_outputs(timeout=30), "no token within 30s"  # prefilled: it needs the decode instance only
         decode_pid = rank_pid(cluster, "decode")
         os.kill(decode_pid, signal.SIGSTOP)  # holds "decoding" where it is (unless it finished already)
         os.kill(rank_pid(cluster, "prefill"), signal.SIGKILL)  # rank 0

@@ -135,7 +135,7 @@ class Cluster:
         return list(self._processes.local.values())
 
     def _start(self, config: EngineConfig) -> None:
-        local = [s.rank for s in self.specs if self.node_of[s.rank] == 0]
+        local = self._processes.ranks_on(0)
         per_node = Counter(self.node_of.values())
         cpus = [os.cpu_count() or 1] + [j.num_cpus for j in self._joins]
         # a prefill instance never runs a decode step: it captures no decode graphs

@@ -10,7 +10,7 @@ stage sent the first token, the sequence joins the engine's running batch throug
 import time
 from collections import deque
 
-from minicake.disagg.transfer import KVReceiver, open_channels
+from minicake.disagg.transfer import Channels, KVReceiver
 from minicake.sched.sequence import Sequence
 from minicake.engine import StepOutput
 from minicake.disagg.instance import Instance
@@ -18,11 +18,10 @@ from minicake.disagg.messages import Abort, Heartbeat, NewRequest, StartPrefill,
 
 
 class DecodeInstance(Instance):
-    def __init__(self, spec, engine, mailbox):
+    def __init__(self, spec, engine, mailbox, channels: Channels):
         super().__init__(spec, engine, mailbox)
         k_caches = [k for k, _ in engine.kv_caches]
         v_caches = [v for _, v in engine.kv_caches]
-        channels = open_channels(k_caches[0].device)  # every rank of the job, once: prefill instances too
         self.receiver = KVReceiver(channels, list(spec.prefill_ranks), k_caches, v_caches,
                                    engine.config.kv_transfer_timeout)
         self.to_reserve: deque[NewRequest] = deque()  # waiting for free blocks, in arrival order

@@ -133,8 +133,10 @@ def serve_instance(spec: InstanceSpec, config: EngineConfig, mailbox: Mailbox) -
 def build_instance(spec: InstanceSpec, engine: Engine, mailbox: Mailbox) -> Instance:
     if spec.role == "colocated":
         return ColocatedInstance(spec, engine, mailbox)
+    from minicake.disagg.transfer import open_channels
+    channels = open_channels(engine.kv_caches[0][0].device)  # collective: every rank of the job, once
     if spec.role == "prefill":
         from minicake.disagg.prefill_instance import PrefillInstance
-        return PrefillInstance(spec, engine, mailbox)
+        return PrefillInstance(spec, engine, mailbox, channels)
     from minicake.disagg.decode_instance import DecodeInstance
-    return DecodeInstance(spec, engine, mailbox)
+    return DecodeInstance(spec, engine, mailbox, channels)

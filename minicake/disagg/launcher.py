@@ -25,15 +25,15 @@ from pathlib import Path
 import torch.distributed as dist
 
 PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
-GROUP_TIMEOUT = timedelta(days=1)  # gloo's default wait; a wait for a header may last as long as idle time, so real timeouts are per transfer (kv_transfer_timeout)
+GROUP_TIMEOUT = timedelta(days=1)  # the default group only rendezvous and barriers at start-up; K/V waits are on transfer.py's channels
 PARENT_PID = "MINICAKE_PARENT_PID"  # the environment variable that names the process a child dies with
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder that holds this minicake
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free now (the OS picks it) for the rendezvous store."""
+def free_port() -> int:
+    """A TCP port of this host's loopback that is free now (the OS picks it)."""
     with socket.socket() as s:
-        s.bind((host, 0))
+        s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 

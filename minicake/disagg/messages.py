@@ -10,6 +10,7 @@ whose layers and the next stages' send K/V to decode; the last stage samples the
 import logging
 import re
 import threading
+import time
 from dataclasses import dataclass
 
 import zmq
@@ -22,7 +23,6 @@ from minicake.sampling import SamplingParams
 class Hello:  # instance process -> parent, first: where its inbox listens
     rank: int
     address: str
-    pid: int
 
 
 @dataclass
@@ -87,7 +87,7 @@ class Abort:  # parent -> every instance: free the request's blocks, report noth
 
 
 @dataclass
-class Shutdown:  # parent -> every instance
+class Shutdown:  # parent -> every instance and node agent
     pass
 
 
@@ -114,7 +114,7 @@ class Stats:  # instance -> parent, whenever it changed (at most a few times a s
 
 
 @dataclass
-class Alive:  # instance -> parent, every ALIVE_PERIOD_S from its loop: the parent's heartbeat
+class Alive:  # every ALIVE_PERIOD_S, the sender's heartbeat: instance -> parent, node agent <-> node 0
     rank: int
 
 
@@ -237,6 +237,15 @@ class Mailbox:
             msg = self._check(frames)
             if msg is not None:
                 msgs.append(msg)
+
+    def wait_for(self, kind: type, timeout: float):
+        """The first message of class `kind` within `timeout` seconds (others are dropped), or None."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for msg in self.receive(timeout=0.5):
+                if isinstance(msg, kind):
+                    return msg
+        return None
 
     def _check(self, frames):
         """The message the frames carry, or None (logged) when they are not from the cluster."""

@@ -228,7 +228,7 @@ def run_node(nodes: Nodes, num_prefill: int, num_decode: int, heartbeat_timeout:
     log.info("node %d: joining node 0 at %s", nodes.node_rank, control)
     procs, code = {}, 1
     try:
-        assign = _wait_for_assign(mailbox, nodes.join_timeout)
+        assign = mailbox.wait_for(Assign, nodes.join_timeout)
         if assign is None:
             log.error("node %d: node 0 at %s did not answer within %gs", nodes.node_rank, control, nodes.join_timeout)
             return 1
@@ -248,15 +248,6 @@ def run_node(nodes: Nodes, num_prefill: int, num_decode: int, heartbeat_timeout:
         stop(list(procs.values()), timeout=10.0)
         mailbox.close()
     return code
-
-
-def _wait_for_assign(mailbox: Mailbox, timeout: float) -> Assign | None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for msg in mailbox.receive(timeout=0.5):
-            if isinstance(msg, Assign):
-                return msg
-    return None
 
 
 def _serve(mailbox: Mailbox, me: int, procs: dict, heartbeat_timeout: float) -> int:

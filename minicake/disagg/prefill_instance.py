@@ -12,17 +12,16 @@ prompt is computed ("prefilled"). A single-stage instance also keeps a host KV p
 block keys it holds to the parent (the Conductor's index), and pulls a prefix from another
 prefill instance first when told to (hot-spot migration).
 """
-import random
 import time
 from collections import deque
 
 import torch
 
 from minicake.disagg.migration import BlockFetcher, FetchBlocks, FetchReply, holder_send
-from minicake.disagg.transfer import KVSender, open_channels
+from minicake.disagg.transfer import Channels, KVSender
 from minicake.engine import StepOutput
 from minicake.model.runner import FlatBatch
-from minicake.sampling import sample, to_device
+from minicake.sampling import sample
 from minicake.conductor.live import HeldKeys
 from minicake.sched.sequence import Sequence
 from minicake.disagg.instance import Instance
@@ -33,17 +32,15 @@ HEARTBEAT_S = 1.0
 
 
 class PrefillInstance(Instance):
-    def __init__(self, spec, engine, mailbox):
+    def __init__(self, spec, engine, mailbox, channels: Channels):
         super().__init__(spec, engine, mailbox)
         cfg, layers = engine.config, len(engine.model.layers)
-        channels = open_channels(engine.kv_caches[0][0].device)  # every rank of the job, once: decode instances too
         self.stage, self.group = spec.stage, spec.group_ranks
         self.is_last = self.stage == len(self.group) - 1
         self.sender = KVSender(channels, cfg.kv_transfer_timeout)
         self.layers = stage_layers(layers, len(self.group), self.stage)
         self.runner = StageRunner(engine.model, engine.kv_caches, self.layers, channels, self.sender,
                                   cfg.kv_transfer_timeout)
-        self.seeds = random.Random(cfg.seed)  # stages > 0: a seed for each unseeded request sampled here
         self.requests: dict[str, tuple[Sequence, StartPrefill]] = {}  # stage 0: request id -> its sequence
         self.sent_blocks: dict[str, int] = {}  # stage 0: request id -> blocks sent (or held by decode)
         self.batch: StageBatch | None = None  # stage 0: the step being run
@@ -230,9 +227,9 @@ class PrefillInstance(Instance):
     def _sample(self, hidden, residual, samples: list[SampleRow], positions: list[int]) -> None:
         """Only the last token of each finished prompt goes through the norm and the LM head; its
         first token is sampled at the position after it, as a colocated engine samples it."""
-        rows = to_device([s.row for s in samples], torch.int64, hidden.device)
-        logits = self.engine.model.compute_logits(self.engine.model.final_norm(hidden[rows], residual[rows]))
-        seeds = [self.seeds.getrandbits(63) if s.params.seed is None else s.params.seed for s in samples]
+        runner = self.engine.runner  # its seed stream: unused on stages > 0 but here
+        logits = runner.logits_of_rows(hidden, residual, [s.row for s in samples])
+        seeds = [runner.seeds.getrandbits(63) if s.params.seed is None else s.params.seed for s in samples]
         tokens = sample(logits, [s.params for s in samples], seeds, [positions[s.row] + 1 for s in samples])
         now = time.time()
         for s, token in zip(samples, tokens):

@@ -12,7 +12,6 @@ import faulthandler
 import logging
 import os
 import signal
-import time
 
 import torch
 
@@ -36,10 +35,12 @@ def main() -> None:
     rank = int(os.environ["RANK"])
     mailbox = Mailbox(os.environ[TOKEN_ENV], args.bind_addr)
     mailbox.connect({PARENT: args.control})
-    mailbox.send(PARENT, Hello(rank, mailbox.address, os.getpid()))
+    mailbox.send(PARENT, Hello(rank, mailbox.address))
     code = 0
     try:
-        setup = wait_for_setup(mailbox)
+        setup = mailbox.wait_for(Setup, SETUP_TIMEOUT_S)
+        if setup is None:
+            raise TimeoutError(f"no Setup from the parent within {SETUP_TIMEOUT_S:.0f}s")
         assert setup.spec.rank == rank, f"launched as rank {rank} for the instance of rank {setup.spec.rank}"
         mailbox.connect(dict(enumerate(setup.addresses)))
         if setup.config.num_threads:  # before anything starts a thread pool
@@ -57,15 +58,6 @@ def main() -> None:
     # Leave without tearing gloo down: the KV receive threads are still waiting on peers, and
     # destroying the process group under them aborts the process.
     os._exit(code)
-
-
-def wait_for_setup(mailbox: Mailbox) -> Setup:
-    deadline = time.monotonic() + SETUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        for msg in mailbox.receive(timeout=0.5):
-            if isinstance(msg, Setup):
-                return msg
-    raise TimeoutError(f"no Setup from the parent within {SETUP_TIMEOUT_S:.0f}s")
 
 
 if __name__ == "__main__":

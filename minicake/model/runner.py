@@ -108,9 +108,13 @@ class ModelRunner:
             self.pool.end_loads()
         if (stage is not None and not stage.end(hidden, residual)) or not sampled:
             return []
-        rows = to_device(rows, torch.int64, self.device)
-        logits = self.model.compute_logits(self.model.final_norm(hidden[rows], residual[rows]))  # [len(sampled), vocab]
-        return self._sample(logits, sampled)
+        return self._sample(self.logits_of_rows(hidden, residual, rows), sampled)
+
+    def logits_of_rows(self, hidden: torch.Tensor, residual: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """Only the rows sampled (each a sequence's last new token) go through the final norm and
+        the LM head: hidden, residual [num_tokens, hidden_size] -> logits [len(rows), vocab]."""
+        idx = to_device(rows, torch.int64, hidden.device)
+        return self.model.compute_logits(self.model.final_norm(hidden[idx], residual[idx]))
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         """One token per row of logits [len(seqs), vocab], the row's noise keyed by its sequence's

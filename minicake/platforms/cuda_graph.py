@@ -59,8 +59,7 @@ class StaticInputs:
 
 def logits_of_step(model, kv_caches, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
     """A decode step's logits [num_seqs, vocab]: every row is a sequence's last token."""
-    hidden, residual = model.run_layers(model.embed(input_ids), None, positions, meta, kv_caches)
-    return model.compute_logits(model.final_norm(hidden, residual))
+    return model.compute_logits(model(input_ids, positions, meta, kv_caches))
 
 
 class CudaGraphs:
